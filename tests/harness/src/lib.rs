@@ -1,1 +1,24 @@
-//! stub
+//! Plays GitLab Runner against any custom-executor driver.
+//!
+//! * [`job`] reads a small subset of `.gitlab-ci.yml`;
+//! * [`payload`] turns a job into the payload GitLab would send (contract §9.4);
+//! * [`script`] generates the bash scripts the runner hands to `run_exec` (§4.3);
+//! * [`emulated`] runs a job against a driver exactly as the runner's custom executor calls it
+//!   (§1–§6): temp dir, environment, process groups, exit-code mapping, retries, timeouts and
+//!   cancellation;
+//! * [`conformance`] is the suite of checks every drover driver must pass.
+//!
+//! Section numbers (§) refer to the project's `contract.md`.
+
+pub mod conformance;
+pub mod emulated;
+pub mod job;
+pub mod payload;
+mod process;
+pub mod script;
+
+pub use emulated::{
+    CallRecord, CallStart, CancelHandle, Driver, Hooks, JobReport, JobResult, PrepareTermination,
+    RunnerOptions, run_job,
+};
+pub use process::CallExit;
