@@ -74,7 +74,10 @@ mod tests {
 
     #[test]
     fn empty_stdout_means_no_configuration() {
-        assert_eq!(ConfigOutput::parse_stdout(b"").expect("empty is fine"), None);
+        assert_eq!(
+            ConfigOutput::parse_stdout(b"").expect("empty is fine"),
+            None
+        );
     }
 
     #[test]

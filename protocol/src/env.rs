@@ -86,7 +86,8 @@ impl JobEnv {
     /// The image the job asked for (`image:`), if any. User input: check it against an
     /// allow-list before use (§10 item 12).
     pub fn requested_image(&self) -> Option<&str> {
-        self.variable("CI_JOB_IMAGE").filter(|image| !image.is_empty())
+        self.variable("CI_JOB_IMAGE")
+            .filter(|image| !image.is_empty())
     }
 }
 
@@ -124,7 +125,10 @@ mod tests {
                 ("BUILD_FAILURE_EXIT_CODE", "1"),
                 ("SYSTEM_FAILURE_EXIT_CODE", "2"),
                 ("JOB_RESPONSE_FILE", "/tmp/custom-executor1/response.json"),
-                ("BUILD_EXIT_CODE_FILE", "/tmp/custom-executor1/build_exit_code"),
+                (
+                    "BUILD_EXIT_CODE_FILE",
+                    "/tmp/custom-executor1/build_exit_code",
+                ),
                 ("TMPDIR", "/tmp/custom-executor1"),
                 ("CUSTOM_ENV_CI_JOB_IMAGE", "debian:12"),
                 ("CUSTOM_ENV_CI_JOB_SERVICES", ""),
@@ -141,11 +145,17 @@ mod tests {
         assert_eq!(env.control.system_failure_exit_code, 2);
         assert_eq!(
             env.control.build_exit_code_file.as_deref(),
-            Some(std::path::Path::new("/tmp/custom-executor1/build_exit_code"))
+            Some(std::path::Path::new(
+                "/tmp/custom-executor1/build_exit_code"
+            ))
         );
         assert_eq!(env.requested_image(), Some("debian:12"));
         assert!(env.services.is_empty());
-        assert_eq!(env.variable("PATH"), None, "unprefixed runner env is not a job variable");
+        assert_eq!(
+            env.variable("PATH"),
+            None,
+            "unprefixed runner env is not a job variable"
+        );
     }
 
     #[test]
@@ -153,7 +163,10 @@ mod tests {
         let mut env = runner_env();
         env.remove("JOB_RESPONSE_FILE");
         let err = JobEnv::from_map(&env).expect_err("missing");
-        assert!(err.to_string().starts_with("JOB_RESPONSE_FILE is not set"), "{err}");
+        assert!(
+            err.to_string().starts_with("JOB_RESPONSE_FILE is not set"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -171,7 +184,13 @@ mod tests {
     fn build_exit_code_file_is_optional_for_runners_before_17_9() {
         let mut env = runner_env();
         env.remove("BUILD_EXIT_CODE_FILE");
-        assert_eq!(JobEnv::from_map(&env).expect("valid").control.build_exit_code_file, None);
+        assert_eq!(
+            JobEnv::from_map(&env)
+                .expect("valid")
+                .control
+                .build_exit_code_file,
+            None
+        );
     }
 
     #[test]
@@ -179,6 +198,9 @@ mod tests {
         let mut env = runner_env();
         env.insert("CUSTOM_ENV_CI_JOB_SERVICES".into(), "[{".into());
         let err = JobEnv::from_map(&env).expect_err("malformed");
-        assert!(err.to_string().starts_with("CUSTOM_ENV_CI_JOB_SERVICES"), "{err}");
+        assert!(
+            err.to_string().starts_with("CUSTOM_ENV_CI_JOB_SERVICES"),
+            "{err}"
+        );
     }
 }

@@ -62,7 +62,10 @@ mod tests {
     fn a_script_exiting_2_is_a_build_failure_not_a_system_failure() {
         let outcome = Outcome::from_script_status(2);
         assert_eq!(outcome.process_exit_code(None), 1);
-        assert_eq!(outcome.build_exit_code_file_contents().as_deref(), Some("2"));
+        assert_eq!(
+            outcome.build_exit_code_file_contents().as_deref(),
+            Some("2")
+        );
     }
 
     #[test]

@@ -96,7 +96,10 @@ pub struct RunnerInfo {
 impl RunnerInfo {
     /// The job timeout the runner applies, in seconds (§4.2).
     pub fn effective_timeout_secs(&self) -> u64 {
-        u64::try_from(self.timeout).ok().filter(|t| *t > 0).unwrap_or(7200)
+        u64::try_from(self.timeout)
+            .ok()
+            .filter(|t| *t > 0)
+            .unwrap_or(7200)
     }
 }
 

@@ -29,8 +29,8 @@ mod stage;
 
 pub use config_output::{ConfigOutput, DriverInfo};
 pub use env::{
-    BUILD_EXIT_CODE_FILE, BUILD_FAILURE_EXIT_CODE, CUSTOM_ENV_PREFIX, ControlVariables, JOB_RESPONSE_FILE,
-    JobEnv, SYSTEM_FAILURE_EXIT_CODE, TMPDIR,
+    BUILD_EXIT_CODE_FILE, BUILD_FAILURE_EXIT_CODE, CUSTOM_ENV_PREFIX, ControlVariables,
+    JOB_RESPONSE_FILE, JobEnv, SYSTEM_FAILURE_EXIT_CODE, TMPDIR,
 };
 pub use error::ProtocolError;
 pub use exit::Outcome;

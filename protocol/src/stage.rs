@@ -47,7 +47,9 @@ impl Stage {
             ProtocolError::BadArguments(format!("the stage name {stage:?} is not UTF-8"))
         })?;
         if sub_stage.is_empty() {
-            return Err(ProtocolError::BadArguments("the stage name is empty".into()));
+            return Err(ProtocolError::BadArguments(
+                "the stage name is empty".into(),
+            ));
         }
         Ok(Stage::Run {
             script: PathBuf::from(script),
@@ -207,8 +209,14 @@ mod tests {
             let stage = SubStage::from(name);
             assert_eq!(stage.name(), name);
         }
-        assert_eq!(SubStage::from("step_release"), SubStage::Step("step_release".into()));
-        assert_eq!(SubStage::from("some_future_stage"), SubStage::Other("some_future_stage".into()));
+        assert_eq!(
+            SubStage::from("step_release"),
+            SubStage::Step("step_release".into())
+        );
+        assert_eq!(
+            SubStage::from("some_future_stage"),
+            SubStage::Other("some_future_stage".into())
+        );
     }
 
     #[test]
@@ -228,7 +236,10 @@ mod tests {
             "cleanup_file_variables",
         ] {
             assert_eq!(SubStage::from(name).name(), name);
-            assert!(!matches!(SubStage::from(name), SubStage::Other(_)), "{name}");
+            assert!(
+                !matches!(SubStage::from(name), SubStage::Other(_)),
+                "{name}"
+            );
         }
     }
 
