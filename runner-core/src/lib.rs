@@ -19,7 +19,7 @@
 //! - names resources deterministically and labels them for `gc` ([`ResourceNames`]);
 //! - applies the operator's job-override [`Policy`] (image allow-list, CPU and memory caps,
 //!   offered mounts);
-//! - writes progress lines to the job log ([`progress`]).
+//! - writes progress lines to the job log ([`progress!`]).
 //!
 //! A driver's methods return [`Error`]s that carry their class (build or system) and whether
 //! they are transient; they never print the final error or choose an exit code themselves.

@@ -67,7 +67,7 @@ impl JobCommand {
         }
     }
 
-    /// A command for the job's own processes: an empty environment but for [`INHERITED`], so
+    /// A command for the job's own processes: an empty environment but for `PATH`, the locale and the user name, so
     /// no operator secret reaches the job.
     pub fn for_job(program: impl AsRef<OsStr>) -> JobCommand {
         let mut command = JobCommand::new(program);

@@ -99,6 +99,9 @@ pub struct RunnerOptions {
     pub terminate_first_prepare: Option<PrepareTermination>,
     /// Where `custom-executorNNNN` dirs are made (default: the system temp dir).
     pub temp_root: Option<PathBuf>,
+    /// Harness-only: call cleanup_exec this many more times after the job's own cleanup, to
+    /// check that cleanup is idempotent (§6.3).
+    pub extra_cleanup_calls: u32,
 }
 
 impl Default for RunnerOptions {
@@ -118,6 +121,7 @@ impl Default for RunnerOptions {
             capture_build_stdout: false,
             terminate_first_prepare: None,
             temp_root: None,
+            extra_cleanup_calls: 0,
         }
     }
 }
@@ -307,6 +311,40 @@ pub async fn run_job(
         build_stdout: emulator.build_stdout.as_ref().map(|b| lock(b).clone()),
         cleanup_output: lock(&emulator.cleanup_output).clone(),
         duration: started.elapsed(),
+    }
+}
+
+/// What [`config_then_cleanup`] saw.
+#[derive(Debug, Clone)]
+pub struct ConfigCleanupReport {
+    /// config_exec's stdout, byte for byte.
+    pub config_stdout: Vec<u8>,
+    /// The two calls.
+    pub calls: Vec<CallRecord>,
+}
+
+/// Runs config_exec and then cleanup_exec in one executor temp dir, with no prepare: what the
+/// runner does when an attempt fails right after config (§1.5, §10 item 9).
+pub async fn config_then_cleanup(
+    driver: &Driver,
+    job: &JobResponse,
+    options: &RunnerOptions,
+) -> ConfigCleanupReport {
+    let hooks = Hooks::default();
+    let cancel = CancelHandle::new();
+    let mut emulator = Emulator::new(driver, job, options, &hooks, &cancel);
+    emulator.attempt_no = 1;
+    let stdout: Buffer = Arc::new(Mutex::new(Vec::new()));
+    if emulator.create_temp_dir().is_ok() {
+        emulator
+            .call(Call::Config, None, Some(buffer_sink(&stdout)))
+            .await;
+        emulator.cleanup().await;
+    }
+    let config_stdout = lock(&stdout).clone();
+    ConfigCleanupReport {
+        config_stdout,
+        calls: emulator.calls,
     }
 }
 
@@ -543,6 +581,12 @@ impl<'a> Emulator<'a> {
         self.log_line(ANSI_BOLD_CYAN, "", "Preparing the \"custom\" executor");
         self.prepare_with_retries().await?;
         let result = self.execute_script().await;
+        for _ in 0..self.options.extra_cleanup_calls {
+            let exit = self.call(Call::Cleanup, None, None).await;
+            if let Err(failure) = self.exit_failure(&exit) {
+                self.log_warning(&format!("Cleanup script failed: {failure}"));
+            }
+        }
         self.cleanup().await;
         result
     }
@@ -631,6 +675,23 @@ impl<'a> Emulator<'a> {
 
     /// One `executor.Prepare`: temp dir, response file, config_exec, dirs, prepare_exec.
     async fn prepare_attempt(&mut self) -> Result<(), Failure> {
+        self.create_temp_dir()?;
+        let stdout: Buffer = Arc::new(Mutex::new(Vec::new()));
+        let exit = self
+            .call(Call::Config, None, Some(buffer_sink(&stdout)))
+            .await;
+        self.exit_failure(&exit)?;
+        let stdout = lock(&stdout).clone();
+        let config = ConfigOutput::parse_stdout(&stdout)
+            .map_err(|e| Failure::System(e.to_string()))?
+            .unwrap_or_default();
+        self.apply_config(config)?;
+        let exit = self.call(Call::Prepare, None, None).await;
+        self.exit_failure(&exit)
+    }
+
+    /// A fresh `custom-executorNNNN` dir with `response.json` (§1.1, §3.1).
+    fn create_temp_dir(&mut self) -> Result<(), Failure> {
         self.attempt = Attempt::default();
         let temp_root = self
             .options
@@ -645,20 +706,7 @@ impl<'a> Emulator<'a> {
             .map_err(|e| Failure::System(format!("creating the executor temp dir: {e}")))?;
         self.attempt.temp_dir = Some(temp_dir.clone());
         write_private(&temp_dir.join("response.json"), self.job)
-            .map_err(|e| Failure::System(format!("writing the job response file: {e}")))?;
-
-        let stdout: Buffer = Arc::new(Mutex::new(Vec::new()));
-        let exit = self
-            .call(Call::Config, None, Some(buffer_sink(&stdout)))
-            .await;
-        self.exit_failure(&exit)?;
-        let stdout = lock(&stdout).clone();
-        let config = ConfigOutput::parse_stdout(&stdout)
-            .map_err(|e| Failure::System(e.to_string()))?
-            .unwrap_or_default();
-        self.apply_config(config)?;
-        let exit = self.call(Call::Prepare, None, None).await;
-        self.exit_failure(&exit)
+            .map_err(|e| Failure::System(format!("writing the job response file: {e}")))
     }
 
     /// `InjectInto` and `PrepareBuildAndShell` (§2).
@@ -752,8 +800,9 @@ impl<'a> Emulator<'a> {
                     },
                 }
             }
-            CallExit::Code(2) => Err(Failure::System(exit.go_text())),
-            CallExit::StartFailed(_) => Err(Failure::System(exit.go_text())),
+            CallExit::Code(2) | CallExit::StartFailed(_) | CallExit::NotReaped => {
+                Err(Failure::System(exit.go_text()))
+            }
             other => Err(unknown(other.code())),
         }
     }

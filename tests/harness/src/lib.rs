@@ -18,6 +18,7 @@ mod process;
 pub mod script;
 
 pub use emulated::{
+    ConfigCleanupReport, config_then_cleanup,
     CallRecord, CallStart, CancelHandle, Driver, Hooks, JobReport, JobResult, PrepareTermination,
     RunnerOptions, run_job,
 };
