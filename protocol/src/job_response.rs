@@ -1,4 +1,4 @@
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::ProtocolError;
 
@@ -27,16 +27,20 @@ pub struct JobResponse {
     #[serde(default)]
     pub runner_info: RunnerInfo,
     /// All job variables, predefined and the user's (user-influenced, like `CUSTOM_ENV_*`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub variables: Vec<JobVariable>,
     /// User steps (`script`, `after_script`, `release`...).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub steps: Vec<JobStep>,
     /// The job's `image:`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<Image>,
     /// The job's `services:`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub services: Vec<Image>,
     /// Everything else the runner wrote, kept so a payload survives a round trip.
     #[serde(flatten)]
@@ -78,7 +82,7 @@ pub struct GitInfo {
     #[serde(default)]
     pub ref_type: String,
     /// Refspecs to fetch.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub refspecs: Vec<String>,
     /// Shallow clone depth; 0 for full.
     #[serde(default)]
@@ -131,7 +135,7 @@ pub struct JobStep {
     /// `script`, `after_script`, or another step name.
     pub name: String,
     /// The commands.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub script: Vec<String>,
     /// Seconds.
     #[serde(default)]
@@ -153,11 +157,28 @@ pub struct Image {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub alias: String,
     /// Entrypoint override.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub entrypoint: Vec<String>,
     /// Command override.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub command: Vec<String>,
+}
+
+/// Go encodes an empty slice as `null` (the runner's payload is Go's `json.Encode`, §3.1).
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// Who a job is, from the part of the payload a job cannot change (§3.4, §10 item 12). Name
