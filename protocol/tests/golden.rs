@@ -90,3 +90,21 @@ fn ci_job_services_in_both_shapes() {
             .is_empty()
     );
 }
+
+/// The exact bytes GitLab Runner v17.9.3 wrote to `JOB_RESPONSE_FILE` for a job served by a
+/// fake coordinator (captured by a config_exec that copied the file): Go writes `null` for
+/// the empty `services`, `artifacts`, `cache` and `dependencies`.
+#[test]
+fn the_file_runner_17_9_3_actually_writes_parses() {
+    let job = JobResponse::parse(fixture("job_response_written_by_runner_v17.9.3.json").as_bytes())
+        .expect("the runner's own bytes");
+    assert_eq!(
+        job.trusted_identity(),
+        TrustedIdentity {
+            job_id: 1001,
+            project_id: 42
+        }
+    );
+    assert!(job.services.is_empty());
+    assert_eq!(job.steps.len(), 2);
+}
