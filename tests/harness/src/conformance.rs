@@ -1,1 +1,680 @@
-//! placeholder
+//! The conformance suite: what every driver must do for a user not to notice it is not the
+//! runner's fault (contract §10). Each case runs real jobs through the emulated runner and
+//! checks the result, the exit code, the job log and what is left running.
+//!
+//! "Left running" is found by scanning `/proc/*/environ` for the job's unique
+//! `DROVER_CONFORMANCE_MARKER` variable: the generated scripts export every job variable, so
+//! every process of the job carries it, and the driver gets it as `CUSTOM_ENV_...`. This sees
+//! processes of local and container drivers (same kernel); for VM drivers it sees only the
+//! local side (the driver and its ssh client), not the guest.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use drover_protocol::{ConfigOutput, JobResponse};
+
+use crate::emulated::{
+    CancelHandle, Driver, Hooks, JobReport, JobResult, PrepareTermination, RunnerOptions,
+    config_then_cleanup, run_job,
+};
+use crate::job::Job;
+use crate::payload::{PayloadOptions, job_payload, random_hex};
+use crate::process::CallExit;
+
+/// The marker variable every conformance job carries.
+pub const MARKER_VARIABLE: &str = "DROVER_CONFORMANCE_MARKER";
+
+/// The message of case `sigterm-during-prepare` when the driver's prepare is too fast to be
+/// interrupted.
+pub const PREPARE_TOO_FAST: &str = "prepare finished before SIGTERM reached it; give the driver a prepare that lasts at least 0.5 s (e.g. a prepare hook)";
+
+/// The cases, in the order they run.
+pub const CASES: [&str; 13] = [
+    "success",
+    "script-exit-3",
+    "script-exit-2",
+    "after-script-after-failure",
+    "cancel-during-script",
+    "job-timeout",
+    "sigterm-during-prepare",
+    "cleanup-idempotent",
+    "parallel-jobs",
+    "output-100mb",
+    "non-utf8-output",
+    "overridden-job-id",
+    "config-stdout-strict",
+];
+
+/// What to run the suite against.
+#[derive(Debug, Clone)]
+pub struct SuiteOptions {
+    /// The driver.
+    pub driver: Driver,
+    /// `image:` for every job (container drivers).
+    pub image: Option<String>,
+    /// The cases to run; empty means all of [`CASES`].
+    pub cases: Vec<String>,
+    /// The runner options every job starts from (graceful_kill_timeout 10 s by default).
+    pub runner: RunnerOptions,
+}
+
+impl SuiteOptions {
+    /// All cases against `driver`, with suite defaults.
+    pub fn new(driver: Driver) -> SuiteOptions {
+        SuiteOptions {
+            driver,
+            image: None,
+            cases: Vec::new(),
+            runner: RunnerOptions {
+                graceful_kill_timeout: Duration::from_secs(10),
+                prepare_retry_interval: Duration::from_millis(500),
+                ..RunnerOptions::default()
+            },
+        }
+    }
+}
+
+/// One case's verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaseResult {
+    /// The case's name.
+    pub name: String,
+    /// `Ok` or the reason it failed.
+    pub outcome: Result<(), String>,
+    /// How long it took.
+    pub duration: Duration,
+}
+
+impl std::fmt::Display for CaseResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.outcome {
+            Ok(()) => write!(
+                f,
+                "PASS {} ({:.1} s)",
+                self.name,
+                self.duration.as_secs_f64()
+            ),
+            Err(reason) => write!(f, "FAIL {}: {reason}", self.name),
+        }
+    }
+}
+
+/// Runs the selected cases one after another; `on_result` sees each verdict as it is known.
+pub async fn run_suite(options: &SuiteOptions, on_result: impl Fn(&CaseResult)) -> Vec<CaseResult> {
+    let selected: Vec<String> = if options.cases.is_empty() {
+        CASES.iter().map(|c| c.to_string()).collect()
+    } else {
+        options.cases.clone()
+    };
+    let mut results = Vec::new();
+    for name in selected {
+        let started = Instant::now();
+        let suite = Suite { options };
+        let outcome = match suite.case(&name) {
+            Some(case) => case.await,
+            None => Err(format!("no such case; known cases: {}", CASES.join(", "))),
+        };
+        let result = CaseResult {
+            name,
+            outcome,
+            duration: started.elapsed(),
+        };
+        on_result(&result);
+        results.push(result);
+    }
+    results
+}
+
+type CaseFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + 'a>>;
+
+/// Upper bound for any single job of the suite.
+const JOB_BOUND: Duration = Duration::from_secs(180);
+
+/// Fails with `msg` unless `ok`.
+fn check(ok: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
+    if ok { Ok(()) } else { Err(msg()) }
+}
+
+fn expect_result(report: &JobReport, want: &JobResult) -> Result<(), String> {
+    check(report.result == *want, || {
+        let reason = match &report.result {
+            JobResult::RunnerSystemFailure { reason } => format!(" ({reason})"),
+            _ => String::new(),
+        };
+        format!("result {}{reason}, want {want}", report.result)
+    })
+}
+
+fn log_has(report: &JobReport, needle: &[u8]) -> bool {
+    report.log.windows(needle.len()).any(|w| w == needle)
+}
+
+struct Suite<'a> {
+    options: &'a SuiteOptions,
+}
+
+/// A job and its payload, with a fresh marker.
+struct Prepared {
+    payload: JobResponse,
+    marker: String,
+}
+
+impl<'a> Suite<'a> {
+    fn case(&self, name: &str) -> Option<CaseFuture<'_>> {
+        Some(match name {
+            "success" => Box::pin(self.success()),
+            "script-exit-3" => Box::pin(self.script_exit(3)),
+            "script-exit-2" => Box::pin(self.script_exit(2)),
+            "after-script-after-failure" => Box::pin(self.after_script_after_failure()),
+            "cancel-during-script" => Box::pin(self.cancel_during_script()),
+            "job-timeout" => Box::pin(self.job_timeout()),
+            "sigterm-during-prepare" => Box::pin(self.sigterm_during_prepare()),
+            "cleanup-idempotent" => Box::pin(self.cleanup_idempotent()),
+            "parallel-jobs" => Box::pin(self.parallel_jobs()),
+            "output-100mb" => Box::pin(self.output_100mb()),
+            "non-utf8-output" => Box::pin(self.non_utf8_output()),
+            "overridden-job-id" => Box::pin(self.overridden_job_id()),
+            "config-stdout-strict" => Box::pin(self.config_stdout_strict()),
+            _ => return None,
+        })
+    }
+
+    fn job(&self, script: &[&str], after: &[&str]) -> Job {
+        Job {
+            name: "conformance".into(),
+            stage: "test".into(),
+            image: self.options.image.clone(),
+            script: script.iter().map(|s| s.to_string()).collect(),
+            after_script: after.iter().map(|s| s.to_string()).collect(),
+            ..Job::default()
+        }
+    }
+
+    fn prepare(&self, mut job: Job, payload: &PayloadOptions) -> Prepared {
+        let marker = format!("drover-{}", random_hex(16));
+        job.variables.push((MARKER_VARIABLE.into(), marker.clone()));
+        Prepared {
+            payload: job_payload(&job, &[], payload),
+            marker,
+        }
+    }
+
+    async fn run(
+        &self,
+        job: &Prepared,
+        runner: &RunnerOptions,
+        hooks: &Hooks,
+        cancel: &CancelHandle,
+    ) -> Result<JobReport, String> {
+        let run = run_job(&self.options.driver, &job.payload, runner, hooks, cancel);
+        tokio::time::timeout(JOB_BOUND, run)
+            .await
+            .map_err(|_| format!("the job did not finish within {} s", JOB_BOUND.as_secs()))
+    }
+
+    async fn run_simple(&self, job: Job) -> Result<(JobReport, String), String> {
+        let job = self.prepare(job, &PayloadOptions::fresh());
+        let report = self
+            .run(
+                &job,
+                &self.options.runner,
+                &Hooks::default(),
+                &CancelHandle::new(),
+            )
+            .await?;
+        Ok((report, job.marker))
+    }
+
+    async fn success(&self) -> Result<(), String> {
+        let (report, marker) = self
+            .run_simple(self.job(&["echo \"hello $((6*7))\""], &[]))
+            .await?;
+        expect_result(&report, &JobResult::Success)?;
+        check(log_has(&report, b"hello 42"), || {
+            "the log lacks the script's output `hello 42`".into()
+        })?;
+        let want = [
+            "config",
+            "prepare",
+            "run prepare_script",
+            "run get_sources",
+            "run build_script",
+            "run cleanup_file_variables",
+            "cleanup",
+        ];
+        check(report.call_names() == want, || {
+            format!("calls {:?}, want {want:?}", report.call_names())
+        })?;
+        nothing_left(&marker).await
+    }
+
+    async fn script_exit(&self, code: i32) -> Result<(), String> {
+        let script = format!("exit {code}");
+        let (report, _) = self.run_simple(self.job(&[&script], &[])).await?;
+        expect_result(&report, &JobResult::ScriptFailure { exit_code: code })
+    }
+
+    async fn after_script_after_failure(&self) -> Result<(), String> {
+        let (report, _) = self
+            .run_simple(self.job(&["exit 4"], &["echo \"after $((6*7))\""]))
+            .await?;
+        expect_result(&report, &JobResult::ScriptFailure { exit_code: 4 })?;
+        check(log_has(&report, b"after 42"), || {
+            "after_script's output is not in the log".into()
+        })
+    }
+
+    async fn cancel_during_script(&self) -> Result<(), String> {
+        let job = self.prepare(
+            self.job(
+                &["echo \"started $((6*7))\"", "sleep 300"],
+                &["echo \"after $((6*7))\""],
+            ),
+            &PayloadOptions::fresh(),
+        );
+        let cancel = CancelHandle::new();
+        let canceled_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let hooks = Hooks {
+            on_log: Some(on_output(b"started 42", {
+                let (cancel, canceled_at) = (cancel.clone(), canceled_at.clone());
+                move || {
+                    if let Ok(mut at) = canceled_at.lock() {
+                        *at = Some(Instant::now());
+                    }
+                    cancel.cancel();
+                }
+            })),
+            ..Hooks::default()
+        };
+        let report = self
+            .run(&job, &self.options.runner, &hooks, &cancel)
+            .await?;
+        let since_cancel = canceled_at
+            .lock()
+            .map_err(|_| "poisoned".to_string())?
+            .map(|t| t.elapsed())
+            .ok_or("the script's first line never appeared, so the job was never canceled")?;
+        expect_result(&report, &JobResult::Canceled)?;
+        check(since_cancel < Duration::from_secs(20), || {
+            format!(
+                "the job took {:.1} s to end after the cancel (bound 20 s)",
+                since_cancel.as_secs_f64()
+            )
+        })?;
+        check(log_has(&report, b"after 42"), || {
+            "after_script did not run after the cancel".into()
+        })?;
+        check(
+            report.call_names().last().map(String::as_str) == Some("cleanup"),
+            || "cleanup_exec was not called last".into(),
+        )?;
+        nothing_left(&job.marker).await
+    }
+
+    async fn job_timeout(&self) -> Result<(), String> {
+        let mut job = self.job(&["sleep 300"], &["echo \"after $((6*7))\""]);
+        job.timeout = Some(Duration::from_secs(3));
+        let started = Instant::now();
+        let (report, marker) = self.run_simple(job).await?;
+        expect_result(&report, &JobResult::TimedOut)?;
+        let bound = Duration::from_secs(3)
+            + self.options.runner.graceful_kill_timeout
+            + Duration::from_secs(15);
+        check(started.elapsed() < bound, || {
+            format!(
+                "the job took {:.1} s (bound {} s)",
+                started.elapsed().as_secs_f64(),
+                bound.as_secs()
+            )
+        })?;
+        check(!log_has(&report, b"after 42"), || {
+            "after_script ran after a job timeout".into()
+        })?;
+        check(
+            report.call_names().last().map(String::as_str) == Some("cleanup"),
+            || "cleanup_exec was not called after the timeout".into(),
+        )?;
+        nothing_left(&marker).await
+    }
+
+    async fn sigterm_during_prepare(&self) -> Result<(), String> {
+        let runner = RunnerOptions {
+            terminate_first_prepare: Some(PrepareTermination::AfterFirstByte),
+            // Case 7 asks for an exit within 5 s of SIGTERM.
+            graceful_kill_timeout: Duration::from_secs(5),
+            prepare_retry_interval: Duration::from_secs(3),
+            ..self.options.runner.clone()
+        };
+        let job = self.prepare(self.job(&["echo ok"], &[]), &PayloadOptions::fresh());
+        let report = self
+            .run(&job, &runner, &Hooks::default(), &CancelHandle::new())
+            .await?;
+        let first = report
+            .calls
+            .iter()
+            .find(|c| c.stage == "prepare")
+            .ok_or("prepare was never called")?;
+        match &first.exit {
+            CallExit::Code(0) => return Err(PREPARE_TOO_FAST.into()),
+            CallExit::Code(2) => {}
+            other => {
+                return Err(format!(
+                    "prepare under SIGTERM ended with {}, want exit status 2 within 5 s",
+                    other.go_text()
+                ));
+            }
+        }
+        expect_result(&report, &JobResult::Success)?;
+        let names = report.call_names();
+        let want = [
+            "config",
+            "prepare",
+            "cleanup",
+            "config",
+            "prepare",
+            "run prepare_script",
+        ];
+        check(
+            names.len() >= want.len() && names[..want.len()] == want,
+            || format!("calls {names:?}, want them to start with {want:?}"),
+        )?;
+        check(log_has(&report, b"Will be retried in 3s ..."), || {
+            "no retry line in the log".into()
+        })?;
+        nothing_left(&job.marker).await
+    }
+
+    async fn cleanup_idempotent(&self) -> Result<(), String> {
+        let job = self.prepare(self.job(&["echo ok"], &[]), &PayloadOptions::fresh());
+        let alone =
+            config_then_cleanup(&self.options.driver, &job.payload, &self.options.runner).await;
+        let names: Vec<String> = alone.calls.iter().map(|c| c.name()).collect();
+        check(names == ["config", "cleanup"], || {
+            format!("calls {names:?}")
+        })?;
+        for call in &alone.calls {
+            check(call.exit == CallExit::Code(0), || {
+                format!(
+                    "{} without prepare ended with {}",
+                    call.name(),
+                    call.exit.go_text()
+                )
+            })?;
+        }
+        let runner = RunnerOptions {
+            extra_cleanup_calls: 1,
+            ..self.options.runner.clone()
+        };
+        let job = self.prepare(self.job(&["echo ok"], &[]), &PayloadOptions::fresh());
+        let report = self
+            .run(&job, &runner, &Hooks::default(), &CancelHandle::new())
+            .await?;
+        expect_result(&report, &JobResult::Success)?;
+        let cleanups: Vec<&CallExit> = report
+            .calls
+            .iter()
+            .filter(|c| c.stage == "cleanup")
+            .map(|c| &c.exit)
+            .collect();
+        check(cleanups == [&CallExit::Code(0), &CallExit::Code(0)], || {
+            format!("cleanup twice after a job ended with {cleanups:?}, want exit 0 twice")
+        })
+    }
+
+    async fn parallel_jobs(&self) -> Result<(), String> {
+        let script = [
+            "echo \"$CI_JOB_ID\" > owner.txt",
+            "sleep 2",
+            "test \"$(cat owner.txt)\" = \"$CI_JOB_ID\"",
+        ];
+        let runs = (0..4u32).map(|slot| {
+            let job = self.prepare(self.job(&script, &[]), &PayloadOptions::fresh());
+            let runner = RunnerOptions {
+                concurrent_id: slot,
+                ..self.options.runner.clone()
+            };
+            async move {
+                let report = self
+                    .run(&job, &runner, &Hooks::default(), &CancelHandle::new())
+                    .await;
+                (job.payload.id, report)
+            }
+        });
+        let results = join_all(runs.collect()).await;
+        for (id, report) in results {
+            let report = report?;
+            expect_result(&report, &JobResult::Success).map_err(|e| format!("job {id}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    async fn output_100mb(&self) -> Result<(), String> {
+        const LAST: u64 = 12_500_000;
+        let runner = RunnerOptions {
+            log_cap: Some(64 * 1024),
+            capture_build_stdout: true,
+            ..self.options.runner.clone()
+        };
+        let job = self.prepare(
+            self.job(&[&format!("seq 1 {LAST}")], &[]),
+            &PayloadOptions::fresh(),
+        );
+        let report = self
+            .run(&job, &runner, &Hooks::default(), &CancelHandle::new())
+            .await?;
+        expect_result(&report, &JobResult::Success)?;
+        let mut expected = Vec::with_capacity(110_000_000);
+        for n in 1..=LAST {
+            expected.extend_from_slice(n.to_string().as_bytes());
+            expected.push(b'\n');
+        }
+        let got = report.build_stdout.unwrap_or_default();
+        check(got.len() >= expected.len(), || {
+            format!(
+                "build_script stdout is {} bytes, want at least {}",
+                got.len(),
+                expected.len()
+            )
+        })?;
+        let tail = &got[got.len() - expected.len()..];
+        check(fnv1a(tail) == fnv1a(&expected), || {
+            let at = tail
+                .iter()
+                .zip(&expected)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            format!(
+                "the last {} bytes of stdout differ from `seq 1 {LAST}` (first difference at byte {at})",
+                expected.len()
+            )
+        })
+    }
+
+    async fn non_utf8_output(&self) -> Result<(), String> {
+        let (report, _) = self
+            .run_simple(self.job(&["printf '\\377\\376\\200 ok\\n'"], &[]))
+            .await?;
+        expect_result(&report, &JobResult::Success)?;
+        check(log_has(&report, b"\xff\xfe\x80 ok\n"), || {
+            "the bytes ff fe 80 ' ok' did not reach the log unchanged".into()
+        })
+    }
+
+    async fn overridden_job_id(&self) -> Result<(), String> {
+        let a_options = PayloadOptions::fresh();
+        let a = self.prepare(
+            self.job(
+                &[
+                    "echo \"A-$CI_JOB_ID\" > shared.txt",
+                    "echo \"ready $((6*7))\"",
+                    "sleep 4",
+                    "test \"$(cat shared.txt)\" = \"A-$CI_JOB_ID\"",
+                ],
+                &[],
+            ),
+            &a_options,
+        );
+        let mut b_job = self.job(&["echo intruder > shared.txt", "rm -f shared.txt"], &[]);
+        b_job.variables.extend([
+            ("CI_JOB_ID".to_string(), a_options.job_id.to_string()),
+            (
+                "CI_PROJECT_ID".to_string(),
+                a_options.project_id.to_string(),
+            ),
+            ("CI_CONCURRENT_ID".to_string(), "0".to_string()),
+        ]);
+        let b = self.prepare(b_job, &PayloadOptions::fresh());
+        let ready = Arc::new(tokio::sync::Notify::new());
+        let hooks = Hooks {
+            on_log: Some(on_output(b"ready 42", {
+                let ready = ready.clone();
+                move || ready.notify_one()
+            })),
+            ..Hooks::default()
+        };
+        let b_runner = RunnerOptions {
+            concurrent_id: 1,
+            ..self.options.runner.clone()
+        };
+        let a_cancel = CancelHandle::new();
+        let run_a = self.run(&a, &self.options.runner, &hooks, &a_cancel);
+        let run_b = async {
+            // B starts once A is sleeping (bounded by the job bound of A itself).
+            let _ = tokio::time::timeout(JOB_BOUND, ready.notified()).await;
+            self.run(&b, &b_runner, &Hooks::default(), &CancelHandle::new())
+                .await
+        };
+        let (a_report, b_report) = tokio::join!(run_a, run_b);
+        let a_report = a_report?;
+        let b_report = b_report?;
+        check(
+            b_report.call_names().last().map(String::as_str) == Some("cleanup"),
+            || "job B's cleanup did not run".into(),
+        )?;
+        expect_result(&a_report, &JobResult::Success).map_err(|e| {
+            format!("job A was disturbed by job B, which set A's CI_JOB_ID/CI_PROJECT_ID/CI_CONCURRENT_ID: {e}")
+        })
+    }
+
+    async fn config_stdout_strict(&self) -> Result<(), String> {
+        let job = self.prepare(self.job(&["echo ok"], &[]), &PayloadOptions::fresh());
+        let report =
+            config_then_cleanup(&self.options.driver, &job.payload, &self.options.runner).await;
+        let config = report.calls.first().ok_or("config was never called")?;
+        check(config.exit == CallExit::Code(0), || {
+            format!("config ended with {}", config.exit.go_text())
+        })?;
+        ConfigOutput::parse_stdout(&report.config_stdout)
+            .map_err(|e| format!("config stdout is not exactly one JSON value: {e}"))?;
+        if !report.config_stdout.is_empty() {
+            serde_json::from_slice::<serde_json::Value>(&report.config_stdout)
+                .map_err(|e| format!("config stdout has bytes beyond one JSON value: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A log hook that runs `action` once, as soon as `needle` has appeared in the log.
+fn on_output(
+    needle: &'static [u8],
+    action: impl Fn() + Send + Sync + 'static,
+) -> crate::emulated::LogHook {
+    let seen: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let fired = Arc::new(AtomicBool::new(false));
+    Arc::new(move |chunk: &[u8]| {
+        if fired.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(mut seen) = seen.lock() else { return };
+        seen.extend_from_slice(chunk);
+        if seen.windows(needle.len()).any(|w| w == needle) {
+            fired.store(true, Ordering::SeqCst);
+            action();
+        }
+        // Only the tail can still complete a match.
+        let keep = seen.len().saturating_sub(needle.len());
+        seen.drain(..keep);
+    })
+}
+
+/// Waits (bounded) until no process carries `marker` in its environment.
+async fn nothing_left(marker: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = processes_with_marker(marker);
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "processes of the job are still running: {}",
+                left.join("; ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `pid: cmdline` of every process whose environment holds `MARKER=<marker>`.
+pub fn processes_with_marker(marker: &str) -> Vec<String> {
+    let needle = format!("{MARKER_VARIABLE}={marker}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|var| var.ends_with(needle.as_bytes()))
+        {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            found.push(format!("{pid}: {}", cmdline.trim()));
+        }
+    }
+    found
+}
+
+/// Runs futures concurrently on this task and collects their outputs in order.
+async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut pinned: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in pinned.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => *output = Some(value),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+/// 64-bit FNV-1a: enough to compare 100 MB without printing it.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}

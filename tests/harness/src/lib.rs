@@ -18,8 +18,7 @@ mod process;
 pub mod script;
 
 pub use emulated::{
-    ConfigCleanupReport, config_then_cleanup,
-    CallRecord, CallStart, CancelHandle, Driver, Hooks, JobReport, JobResult, PrepareTermination,
-    RunnerOptions, run_job,
+    CallRecord, CallStart, CancelHandle, ConfigCleanupReport, Driver, Hooks, JobReport, JobResult,
+    PrepareTermination, RunnerOptions, config_then_cleanup, run_job,
 };
 pub use process::CallExit;

@@ -1,1 +1,181 @@
-fn main() {}
+//! `drover`: run jobs or the conformance suite against a custom-executor driver, with the
+//! emulated GitLab Runner of `drover-harness`.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use drover_harness::conformance::{SuiteOptions, run_suite};
+use drover_harness::job::JobFile;
+use drover_harness::payload::{PayloadOptions, job_payload};
+use drover_harness::{CancelHandle, Driver, Hooks, JobResult, RunnerOptions, run_job};
+
+#[derive(Parser)]
+#[command(
+    name = "drover",
+    version,
+    about = "Play GitLab Runner against a custom-executor driver"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The driver, as `[runners.custom]` would name it.
+#[derive(clap::Args)]
+struct DriverArgs {
+    /// The driver executable (config_exec, prepare_exec, run_exec and cleanup_exec alike).
+    #[arg(long)]
+    driver: PathBuf,
+    /// An argument placed before the stage word (like `*_args`); repeatable.
+    #[arg(long = "driver-arg", allow_hyphen_values = true)]
+    driver_args: Vec<OsString>,
+}
+
+impl DriverArgs {
+    fn driver(&self) -> Driver {
+        Driver {
+            program: self.driver.clone(),
+            args: self.driver_args.clone(),
+        }
+    }
+}
+
+/// Which runner plays GitLab Runner. Only the emulated one exists so far.
+#[derive(Clone, Copy, ValueEnum)]
+enum RunnerKind {
+    /// drover-harness's emulation of the custom executor.
+    Emulated,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the jobs of a `.gitlab-ci.yml` subset, in stage order, printing the job log live.
+    RunJob {
+        /// The job file.
+        file: PathBuf,
+        #[command(flatten)]
+        driver: DriverArgs,
+        /// Run only this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// `builds_dir` unless the driver's config overrides it.
+        #[arg(long, default_value = "/builds")]
+        builds_dir: String,
+        /// `cache_dir` unless the driver's config overrides it.
+        #[arg(long, default_value = "/cache")]
+        cache_dir: String,
+        /// Which runner to use.
+        #[arg(long, value_enum, default_value = "emulated")]
+        runner: RunnerKind,
+    },
+    /// Run the conformance suite; exits 0 only if every case passes.
+    Conformance {
+        #[command(flatten)]
+        driver: DriverArgs,
+        /// `image:` for every job (container drivers).
+        #[arg(long)]
+        image: Option<String>,
+        /// Run only this case; repeatable.
+        #[arg(long = "case")]
+        cases: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("drover: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("drover: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Whether everything succeeded.
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    match cli.command {
+        Command::RunJob {
+            file,
+            driver,
+            job,
+            builds_dir,
+            cache_dir,
+            runner: RunnerKind::Emulated,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let jobs = JobFile::parse(&text).with_context(|| format!("in {}", file.display()))?;
+            let selected = match &job {
+                Some(name) => vec![jobs.job(name)?],
+                None => jobs.jobs_in_stage_order(),
+            };
+            let options = RunnerOptions {
+                builds_dir,
+                cache_dir,
+                ..RunnerOptions::default()
+            };
+            let cancel = CancelHandle::new();
+            // Ctrl-C once is a graceful cancel, twice an abort (§6.2).
+            tokio::spawn({
+                let cancel = cancel.clone();
+                async move {
+                    while tokio::signal::ctrl_c().await.is_ok() {
+                        cancel.cancel();
+                    }
+                }
+            });
+            let hooks = Hooks {
+                on_log: Some(Arc::new(|chunk: &[u8]| {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(chunk);
+                    let _ = out.flush();
+                })),
+                ..Hooks::default()
+            };
+            let mut all_ok = true;
+            for job in selected {
+                let payload = job_payload(job, &jobs.variables, &PayloadOptions::fresh());
+                let report = run_job(&driver.driver(), &payload, &options, &hooks, &cancel).await;
+                let detail = match &report.result {
+                    JobResult::RunnerSystemFailure { reason } => format!(": {reason}"),
+                    _ => String::new(),
+                };
+                println!("Job {} result: {}{detail}", job.name, report.result);
+                all_ok &= report.result == JobResult::Success;
+            }
+            Ok(all_ok)
+        }
+        Command::Conformance {
+            driver,
+            image,
+            cases,
+        } => {
+            let options = SuiteOptions {
+                image,
+                cases,
+                ..SuiteOptions::new(driver.driver())
+            };
+            let results = run_suite(&options, |result| println!("{result}")).await;
+            let passed = results.iter().filter(|r| r.outcome.is_ok()).count();
+            println!("{passed} passed, {} failed", results.len() - passed);
+            Ok(passed == results.len())
+        }
+    }
+}
