@@ -31,6 +31,17 @@ pub const MARKER_VARIABLE: &str = "DROVER_CONFORMANCE_MARKER";
 /// interrupted.
 pub const PREPARE_TOO_FAST: &str = "prepare finished before SIGTERM reached it; give the driver a prepare that lasts at least 0.5 s (e.g. a prepare hook)";
 
+/// The driver calls of a job that is only `script:` (§9.4).
+pub const SIMPLE_JOB_CALLS: [&str; 7] = [
+    "config",
+    "prepare",
+    "run prepare_script",
+    "run get_sources",
+    "run build_script",
+    "run cleanup_file_variables",
+    "cleanup",
+];
+
 /// The cases, in the order they run.
 pub const CASES: [&str; 13] = [
     "success",
@@ -236,17 +247,8 @@ impl<'a> Suite<'a> {
         check(log_has(&report, b"hello 42"), || {
             "the log lacks the script's output `hello 42`".into()
         })?;
-        let want = [
-            "config",
-            "prepare",
-            "run prepare_script",
-            "run get_sources",
-            "run build_script",
-            "run cleanup_file_variables",
-            "cleanup",
-        ];
-        check(report.call_names() == want, || {
-            format!("calls {:?}, want {want:?}", report.call_names())
+        check(report.call_names() == SIMPLE_JOB_CALLS, || {
+            format!("calls {:?}, want {SIMPLE_JOB_CALLS:?}", report.call_names())
         })?;
         nothing_left(&marker).await
     }

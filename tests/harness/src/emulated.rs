@@ -402,12 +402,13 @@ impl fmt::Display for Cause {
     }
 }
 
-/// Where the job is, which decides what a graceful cancel does (§6.2).
+/// Where the job is relative to the user steps, which decides what a graceful cancel does
+/// (§6.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    BeforeUserSteps,
-    UserSteps,
-    AfterUserSteps,
+    Before,
+    User,
+    After,
 }
 
 /// The job log: kept up to a cap, forwarded live.
@@ -520,7 +521,7 @@ impl<'a> Emulator<'a> {
             deadline: tokio::time::Instant::now() + timeout,
             job_dead: None,
             script_canceled: false,
-            phase: Phase::BeforeUserSteps,
+            phase: Phase::Before,
             attempt_no: 0,
             attempt: Attempt::default(),
             builds_dir: String::new(),
@@ -614,10 +615,10 @@ impl<'a> Emulator<'a> {
         if level > self.seen_cancel {
             self.seen_cancel = level;
             match (level, self.phase) {
-                (2.., _) | (1, Phase::BeforeUserSteps) => {
+                (2.., _) | (1, Phase::Before) => {
                     self.job_dead.get_or_insert(Failure::Canceled);
                 }
-                (1, Phase::UserSteps) => self.script_canceled = true,
+                (1, Phase::User) => self.script_canceled = true,
                 _ => {}
             }
         }
@@ -1088,7 +1089,7 @@ impl<'a> Emulator<'a> {
                             std::future::pending::<()>().await;
                         }
                         match (*rx.borrow_and_update(), phase) {
-                            (2.., _) | (1, Phase::BeforeUserSteps) => return Cause::JobCanceled,
+                            (2.., _) | (1, Phase::Before) => return Cause::JobCanceled,
                             (1, _) if user_step => return Cause::ScriptCanceled,
                             _ => {}
                         }
@@ -1162,7 +1163,7 @@ impl<'a> Emulator<'a> {
 
     /// `executeScript` (§4.1): which stages run after which failure.
     async fn execute_script(&mut self) -> Result<(), Failure> {
-        self.phase = Phase::BeforeUserSteps;
+        self.phase = Phase::Before;
         if let Err(failure) = self.stage(SubStage::PrepareScript).await {
             return Err(match failure {
                 Failure::System(msg) => {
@@ -1229,7 +1230,7 @@ impl<'a> Emulator<'a> {
 
     /// `executeUserScripts`: the steps, then after_script whatever their result.
     async fn user_steps(&mut self) -> Result<(), Failure> {
-        self.phase = Phase::UserSteps;
+        self.phase = Phase::User;
         let mut result = self.stage(SubStage::BuildScript).await;
         let others: Vec<String> = self
             .job
@@ -1245,7 +1246,7 @@ impl<'a> Emulator<'a> {
             result = self.stage(SubStage::Step(format!("step_{name}"))).await;
         }
         self.observe_cancel();
-        self.phase = Phase::AfterUserSteps;
+        self.phase = Phase::After;
         if self.job_dead.is_some() {
             return result;
         }

@@ -344,12 +344,7 @@ impl<'a> Fields<'a> {
     }
 
     fn services(&self, key: &str) -> Result<Vec<ServiceSpec>, JobFileError> {
-        let items = match self.get(key) {
-            None => return Ok(Vec::new()),
-            Some(Value::Sequence(items)) => items,
-            Some(_) => return Err(self.error(key, "expected a list")),
-        };
-        items
+        self.list(key)?
             .iter()
             .map(|item| match item {
                 Value::Mapping(map) => {
@@ -381,6 +376,15 @@ impl<'a> Fields<'a> {
                     .ok_or_else(|| self.error(key, "expected a string or a map")),
             })
             .collect()
+    }
+
+    /// A list field; absent means empty.
+    fn list(&self, key: &str) -> Result<&'a [Value], JobFileError> {
+        match self.get(key) {
+            None => Ok(&[]),
+            Some(Value::Sequence(items)) => Ok(items),
+            Some(_) => Err(self.error(key, "expected a list")),
+        }
     }
 
     fn sub_map(&self, key: &str) -> Result<Option<Fields<'a>>, JobFileError> {
@@ -427,12 +431,7 @@ impl<'a> Fields<'a> {
 
     /// `needs`: job names, or maps with `job:`.
     fn needs(&self, key: &str) -> Result<Vec<String>, JobFileError> {
-        let items = match self.get(key) {
-            None => return Ok(Vec::new()),
-            Some(Value::Sequence(items)) => items,
-            Some(_) => return Err(self.error(key, "expected a list")),
-        };
-        items
+        self.list(key)?
             .iter()
             .map(|item| match item {
                 Value::Mapping(map) => Fields::new(self.job, map)

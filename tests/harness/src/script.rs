@@ -362,17 +362,24 @@ pub fn relative_path(base: &str, target: &str) -> String {
     }
 }
 
+/// The start of a cache or artifact stage: skipped without work (`ErrSkipBuildStage`),
+/// otherwise the exports and the `cd` to the project dir.
+fn begin_project_stage(info: &ScriptInfo, w: &mut Writer, has_work: bool) -> Option<()> {
+    if !has_work {
+        return None;
+    }
+    exports(info, w, false);
+    cd_project(info, w);
+    Some(())
+}
+
 fn path_args(paths: &[String]) -> Vec<&str> {
     paths.iter().flat_map(|p| ["--path", p.as_str()]).collect()
 }
 
 fn restore_cache(info: &ScriptInfo, w: &mut Writer) -> Option<()> {
     let entries: Vec<&CacheEntry> = info.cache.iter().filter(|c| !c.paths.is_empty()).collect();
-    if entries.is_empty() {
-        return None;
-    }
-    exports(info, w, false);
-    cd_project(info, w);
+    begin_project_stage(info, w, !entries.is_empty())?;
     let timeout = CACHE_REQUEST_TIMEOUT_MIN.to_string();
     for entry in entries {
         let file = cache_file(info, &entry.key);
@@ -399,11 +406,7 @@ fn restore_cache(info: &ScriptInfo, w: &mut Writer) -> Option<()> {
 }
 
 fn download_artifacts(info: &ScriptInfo, w: &mut Writer) -> Option<()> {
-    if info.dependencies.is_empty() {
-        return None;
-    }
-    exports(info, w, false);
-    cd_project(info, w);
+    begin_project_stage(info, w, !info.dependencies.is_empty())?;
     w.guard_runner_command("Artifacts downloading", |w| {
         for dep in &info.dependencies {
             let id = dep.id.to_string();
@@ -437,11 +440,7 @@ fn archive_cache(info: &ScriptInfo, w: &mut Writer, on_success: bool) -> Option<
         .iter()
         .filter(|c| when_applies(&c.when, on_success) && !c.paths.is_empty())
         .collect();
-    if entries.is_empty() {
-        return None;
-    }
-    exports(info, w, false);
-    cd_project(info, w);
+    begin_project_stage(info, w, !entries.is_empty())?;
     let timeout = CACHE_REQUEST_TIMEOUT_MIN.to_string();
     for entry in entries {
         let file = cache_file(info, &entry.key);
@@ -472,11 +471,7 @@ fn upload_artifacts(info: &ScriptInfo, w: &mut Writer, on_success: bool) -> Opti
         .iter()
         .filter(|a| when_applies(&a.when, on_success) && !a.paths.is_empty())
         .collect();
-    if info.server_url.is_empty() || entries.is_empty() {
-        return None;
-    }
-    exports(info, w, false);
-    cd_project(info, w);
+    begin_project_stage(info, w, !info.server_url.is_empty() && !entries.is_empty())?;
     let id = info.job_id.to_string();
     for entry in entries {
         w.guard_runner_command("Uploading artifacts", |w| {
@@ -660,7 +655,7 @@ mod tests {
         // Without gitlab-runner on PATH the guarded stage still succeeds (§8).
         let output = Command::new("bash")
             .arg("-c")
-            .arg(&restore.replace("cd /builds/drover/demo", "true"))
+            .arg(restore.replace("cd /builds/drover/demo", "true"))
             .env("PATH", "/usr/bin:/bin")
             .output()
             .expect("bash");

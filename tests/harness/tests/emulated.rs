@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use drover_harness::conformance::{SuiteOptions, run_suite};
+use drover_harness::conformance::{SIMPLE_JOB_CALLS, SuiteOptions, run_suite};
 use drover_harness::job::Job;
 use drover_harness::payload::{PayloadOptions, job_payload};
 use drover_harness::{
@@ -35,6 +35,14 @@ cleanup)
 *) exit 2 ;;
 esac
 "#;
+
+/// Breaks `GOOD` the way §10 item 1 describes: the script's status goes straight out.
+fn passthrough(driver: String) -> String {
+    driver.replace(
+        "if [ \"$rc\" -ne 0 ]; then echo \"$rc\" > \"$BUILD_EXIT_CODE_FILE\"; exit 1; fi",
+        "exit $rc",
+    )
+}
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -116,18 +124,7 @@ async fn a_good_driver_runs_a_job_like_the_runner() {
         .await;
     let log = report.log_text();
     assert_eq!(report.result, JobResult::Success, "{log}");
-    assert_eq!(
-        report.call_names(),
-        [
-            "config",
-            "prepare",
-            "run prepare_script",
-            "run get_sources",
-            "run build_script",
-            "run cleanup_file_variables",
-            "cleanup"
-        ]
-    );
+    assert_eq!(report.call_names(), SIMPLE_JOB_CALLS);
     for text in [
         "Using Custom executor with driver bash-test 1.0...",
         "preparing\n",
@@ -165,12 +162,7 @@ async fn exit_codes_come_from_the_build_exit_code_file() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_driver_passing_exit_3_through_is_a_system_failure() {
     let fx = Fixture::new();
-    let driver = fx.driver("passthrough", |t| {
-        t.replace(
-            "if [ \"$rc\" -ne 0 ]; then echo \"$rc\" > \"$BUILD_EXIT_CODE_FILE\"; exit 1; fi",
-            "exit $rc",
-        )
-    });
+    let driver = fx.driver("passthrough", passthrough);
     let report = fx.run(&driver, job(&["exit 3"]), &fx.options()).await;
     match &report.result {
         JobResult::RunnerSystemFailure { reason } => {
@@ -285,12 +277,7 @@ async fn the_conformance_suite_passes_against_a_good_driver() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_conformance_suite_catches_a_driver_that_passes_exit_codes_through() {
     let fx = Fixture::new();
-    let driver = fx.driver("passthrough", |t| {
-        t.replace(
-            "if [ \"$rc\" -ne 0 ]; then echo \"$rc\" > \"$BUILD_EXIT_CODE_FILE\"; exit 1; fi",
-            "exit $rc",
-        )
-    });
+    let driver = fx.driver("passthrough", passthrough);
     let mut options = SuiteOptions::new(driver);
     options.runner.temp_root = Some(fx.base().to_path_buf());
     options.cases = vec!["script-exit-3".into(), "script-exit-2".into()];
