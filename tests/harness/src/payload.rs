@@ -5,7 +5,6 @@
 //! chosen by [`PayloadOptions::fresh`], so a fake coordinator can reuse the builder.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use drover_protocol::{GitInfo, Image, JobInfo, JobResponse, JobStep, JobVariable, RunnerInfo};
 use serde_json::{Value, json};
@@ -47,14 +46,12 @@ pub struct PayloadOptions {
 
 static NEXT_JOB_ID: AtomicU64 = AtomicU64::new(0);
 
-/// A job id unique within this process and, being seeded from the clock, unlikely to repeat
-/// across runs (so leftovers of an earlier run never collide with a new job).
+/// A job id unique within this process and, being seeded at random, unlikely to repeat across
+/// runs or collide with another `drover` process running at the same moment: on a real
+/// GitLab job ids are unique, and drivers name resources after them.
 pub fn next_job_id() -> u64 {
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| (d.as_secs() % 1_000_000) * 1000)
-        .unwrap_or(0)
-        + 1_000_000;
+    // A million ids per process, a million possible seeds.
+    let seed = 1_000_000_000 + fastrand::u64(0..1_000_000) * 1_000_000;
     // The first caller seeds the counter; later callers just increment it.
     let _ = NEXT_JOB_ID.compare_exchange(0, seed, Ordering::SeqCst, Ordering::SeqCst);
     NEXT_JOB_ID.fetch_add(1, Ordering::SeqCst)
