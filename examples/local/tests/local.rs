@@ -201,3 +201,28 @@ fn a_failing_prepare_hook_is_a_system_failure_that_the_runner_retries() {
     assert_eq!(log.matches("Preparation failed").count(), 3, "{log}");
     assert!(log.contains("runner_system_failure"), "{log}");
 }
+
+#[test]
+fn the_cli_finds_the_driver_by_name_beside_itself_and_by_relative_path() {
+    let settings = Settings::new("");
+    let job = settings.dir.path().join("job.yml");
+    std::fs::write(&job, "hello:\n  script:\n    - echo found-it\n").expect("job file");
+    let driver_dir = Path::new(DRIVER).parent().expect("driver dir");
+    for (cwd, driver) in [
+        (settings.dir.path(), "drover-local"),
+        (driver_dir, "./drover-local"),
+    ] {
+        let output = Command::new(drover())
+            .current_dir(cwd)
+            .args(["run-job", job.to_str().expect("utf-8"), "--driver", driver])
+            .args(["--driver-arg", "--config", "--driver-arg"])
+            .arg(settings.path())
+            .output()
+            .expect("drover runs");
+        let log = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && log.contains("found-it"),
+            "{driver}: {log}"
+        );
+    }
+}

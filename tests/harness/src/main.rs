@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -28,7 +28,8 @@ struct Cli {
 /// The driver, as `[runners.custom]` would name it.
 #[derive(clap::Args)]
 struct DriverArgs {
-    /// The driver executable (config_exec, prepare_exec, run_exec and cleanup_exec alike).
+    /// The driver executable (config_exec, prepare_exec, run_exec and cleanup_exec alike): a
+    /// path, or a name looked up beside this `drover` binary and then on PATH.
     #[arg(long)]
     driver: PathBuf,
     /// An argument placed before the stage word (like `*_args`); repeatable.
@@ -39,10 +40,32 @@ struct DriverArgs {
 impl DriverArgs {
     fn driver(&self) -> Driver {
         Driver {
-            program: self.driver.clone(),
+            program: resolve_driver(&self.driver),
             args: self.driver_args.clone(),
         }
     }
+}
+
+/// Makes the driver's path independent of the working directory: every stage runs in the
+/// job's temp dir (§1.1), where a relative path would name nothing.
+fn resolve_driver(driver: &Path) -> PathBuf {
+    if driver.components().count() > 1 {
+        return std::path::absolute(driver).unwrap_or_else(|_| driver.to_owned());
+    }
+    let beside_drover = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_owned));
+    // Beside drover first: a build tree's driver, not an older one installed on PATH.
+    beside_drover
+        .into_iter()
+        .chain(
+            std::env::var_os("PATH")
+                .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+                .unwrap_or_default(),
+        )
+        .map(|dir| dir.join(driver))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| driver.to_owned())
 }
 
 /// Which runner plays GitLab Runner. Only the emulated one exists so far.
