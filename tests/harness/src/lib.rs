@@ -6,17 +6,21 @@
 //! * [`emulated`] runs a job against a driver exactly as the runner's custom executor calls it
 //!   (§1–§6): temp dir, environment, process groups, exit-code mapping, retries, timeouts and
 //!   cancellation;
-//! * [`conformance`] is the suite of checks every drover driver must pass.
+//! * [`conformance`] is the suite of checks every drover driver must pass;
+//! * [`coordinator`] is a fake GitLab coordinator for running the real `gitlab-runner
+//!   run-single` against a driver (§9.3).
 //!
 //! Section numbers (§) refer to the project's `contract.md`.
 
 pub mod conformance;
+pub mod coordinator;
 pub mod emulated;
 pub mod job;
 pub mod payload;
 mod process;
 pub mod script;
 
+pub use coordinator::{Coordinator, FinalUpdate, RequestRecord};
 pub use emulated::{
     CallRecord, CallStart, CancelHandle, ConfigCleanupReport, Driver, Hooks, JobReport, JobResult,
     PrepareTermination, RunnerOptions, config_then_cleanup, run_job,
