@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    # setsid (util-linux) and ps/pkill (procps) are used by the tests; bash runs the scripts.
+    # setsid (util-linux) and ps (procps) are used by the tests, bash runs the scripts, and
+    # the stand-in gitlab-runner (tests/harness/stand-in) archives with tar and uploads with curl.
     need=()
-    for pkg in bash coreutils util-linux procps; do
+    for pkg in bash coreutils util-linux procps curl tar; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
     done
     if [ "${#need[@]}" -gt 0 ]; then

@@ -216,9 +216,15 @@ impl Coordinator {
     /// Queues a job: the next `POST jobs/request` with the runner token answers `201` with
     /// it. From now on the job's own token is accepted for its updates, trace and artifacts.
     pub fn enqueue(&self, job: JobResponse) {
+        self.register(&job);
+        self.shared.lock().queue.push_back(job);
+    }
+
+    /// Makes a job known without handing it out: its token is accepted for artifacts (and
+    /// updates) from now on. For jobs that another runner, e.g. the emulated one, runs.
+    pub fn register(&self, job: &JobResponse) {
         let mut inner = self.shared.lock();
         inner.jobs.entry(job.id).or_default().token = Some(job.token.clone());
-        inner.queue.push_back(job);
     }
 
     /// Requests a graceful cancel: later trace PATCH answers and `running` PUT answers carry

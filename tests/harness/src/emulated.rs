@@ -17,8 +17,9 @@ use drover_protocol::{
 };
 use tokio::sync::{Notify, watch};
 
+use crate::payload::PayloadDependency;
 use crate::process::{self, CallExit, Invocation, KillTimeouts, Sink};
-use crate::script::{self, ArtifactEntry, CacheEntry, ScriptInfo};
+use crate::script::{self, ArtifactEntry, CacheEntry, Dependency, ScriptInfo};
 
 /// `PreparationRetries` (§5.1).
 const PREPARATION_ATTEMPTS: u32 = 3;
@@ -102,6 +103,9 @@ pub struct RunnerOptions {
     /// Harness-only: call cleanup_exec this many more times after the job's own cleanup, to
     /// check that cleanup is idempotent (§6.3).
     pub extra_cleanup_calls: u32,
+    /// A directory put first on the `PATH` the driver inherits, as if the runner process had
+    /// been started with it: where a `gitlab-runner` for the job environment is found (§8).
+    pub path_prefix: Option<PathBuf>,
 }
 
 impl Default for RunnerOptions {
@@ -122,6 +126,7 @@ impl Default for RunnerOptions {
             terminate_first_prepare: None,
             temp_root: None,
             extra_cleanup_calls: 0,
+            path_prefix: None,
         }
     }
 }
@@ -182,6 +187,11 @@ impl CancelHandle {
     /// Abort: skip everything but cleanup_exec.
     pub fn abort(&self) {
         self.level.send_replace(2);
+    }
+
+    /// Follows the handle: 0 nothing asked, 1 graceful cancel, 2 abort.
+    pub fn subscribe(&self) -> watch::Receiver<u8> {
+        self.level.subscribe()
     }
 }
 
@@ -877,13 +887,20 @@ impl<'a> Emulator<'a> {
     /// The environment of a call on top of the harness's own (§1.1, §3).
     fn call_env(&self, call: &Call, temp_dir: &Path) -> Vec<(String, String)> {
         let path = |name: &str| temp_dir.join(name).to_string_lossy().into_owned();
-        let mut env = vec![
+        // The runner's own environment comes first (§1.1); only its PATH is changed here.
+        let mut env: Vec<(String, String)> = self
+            .options
+            .path_prefix
+            .iter()
+            .map(|dir| ("PATH".to_owned(), prefixed_path(dir)))
+            .collect();
+        env.extend([
             (TMPDIR.to_owned(), temp_dir.to_string_lossy().into_owned()),
             (BUILD_FAILURE_EXIT_CODE.to_owned(), "1".to_owned()),
             (SYSTEM_FAILURE_EXIT_CODE.to_owned(), "2".to_owned()),
             (BUILD_EXIT_CODE_FILE.to_owned(), path("build_exit_code")),
             (JOB_RESPONSE_FILE.to_owned(), path("response.json")),
-        ];
+        ]);
         if *call != Call::Config {
             env.extend(self.attempt.job_env.iter().cloned());
         }
@@ -927,8 +944,17 @@ impl<'a> Emulator<'a> {
             cache: serde_json::from_value::<Vec<CacheEntry>>(list("cache")).unwrap_or_default(),
             artifacts: serde_json::from_value::<Vec<ArtifactEntry>>(list("artifacts"))
                 .unwrap_or_default(),
-            // Pipelines are not emulated yet, so no dependency carries artifacts (§4.1 row 4).
-            dependencies: Vec::new(),
+            // Only dependencies that uploaded artifacts are downloaded (§4.1 row 4).
+            dependencies: serde_json::from_value::<Vec<PayloadDependency>>(list("dependencies"))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|dep| dep.artifacts_file.is_some())
+                .map(|dep| Dependency {
+                    id: dep.id,
+                    name: dep.name,
+                    token: dep.token,
+                })
+                .collect(),
             server_url: self.job.variable("CI_SERVER_URL").unwrap_or("").to_owned(),
             job_token: self.job.token.clone(),
             job_id: self.job.id,
@@ -1363,6 +1389,12 @@ fn write_script(temp_dir: &Path, text: &str) -> std::io::Result<PathBuf> {
     std::fs::write(&path, text)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
     Ok(path)
+}
+
+/// `dir` followed by the harness's own `PATH`.
+pub fn prefixed_path(dir: &Path) -> String {
+    let rest = std::env::var("PATH").unwrap_or_default();
+    format!("{}:{rest}", dir.display())
 }
 
 #[cfg(test)]

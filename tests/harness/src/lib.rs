@@ -17,7 +17,9 @@ pub mod coordinator;
 pub mod emulated;
 pub mod job;
 pub mod payload;
+pub mod pipeline;
 mod process;
+pub mod real;
 pub mod script;
 
 pub use coordinator::{Coordinator, FinalUpdate, RequestRecord};

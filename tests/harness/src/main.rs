@@ -10,9 +10,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use drover_harness::conformance::{SuiteOptions, run_suite};
+use drover_harness::coordinator::Coordinator;
 use drover_harness::job::JobFile;
-use drover_harness::payload::{PayloadOptions, job_payload};
-use drover_harness::{CancelHandle, Driver, Hooks, JobResult, RunnerOptions, run_job};
+use drover_harness::pipeline::{PipelineOutcome, RunnerMode, run_pipeline};
+use drover_harness::real::{GITLAB_RUNNER_BIN, RealRunner, find_gitlab_runner, helper_dir};
+use drover_harness::{CancelHandle, Driver, Hooks, JobResult, RunnerOptions};
 
 #[derive(Parser)]
 #[command(
@@ -68,10 +70,15 @@ fn resolve_driver(driver: &Path) -> PathBuf {
         .unwrap_or_else(|| driver.to_owned())
 }
 
-/// Which runner plays GitLab Runner. Only the emulated one exists so far.
-#[derive(Clone, Copy, ValueEnum)]
+/// Which runner plays GitLab Runner.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum RunnerKind {
-    /// drover-harness's emulation of the custom executor.
+    /// The real `gitlab-runner run-single` when a binary is found, else the emulation.
+    Auto,
+    /// Your own `gitlab-runner` (`--gitlab-runner`, `$GITLAB_RUNNER_BIN` or PATH), against
+    /// drover's fake GitLab on 127.0.0.1.
+    Real,
+    /// drover's emulation of the custom executor.
     Emulated,
 }
 
@@ -93,8 +100,13 @@ enum Command {
         #[arg(long, default_value = "/cache")]
         cache_dir: String,
         /// Which runner to use.
-        #[arg(long, value_enum, default_value = "emulated")]
+        #[arg(long, value_enum, default_value = "auto")]
         runner: RunnerKind,
+        /// The GitLab Runner binary (default: $GITLAB_RUNNER_BIN, then `gitlab-runner` on
+        /// PATH). It runs the jobs with `--runner real`, and in both modes it is put on the
+        /// job environment's PATH as `gitlab-runner`, for cache and artifacts.
+        #[arg(long, value_name = "PATH")]
+        gitlab_runner: Option<PathBuf>,
     },
     /// Run the conformance suite; exits 0 only if every case passes.
     Conformance {
@@ -140,7 +152,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             job,
             builds_dir,
             cache_dir,
-            runner: RunnerKind::Emulated,
+            runner,
+            gitlab_runner,
         } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
@@ -149,11 +162,45 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 Some(name) => vec![jobs.job(name)?],
                 None => jobs.jobs_in_stage_order(),
             };
-            let options = RunnerOptions {
-                builds_dir,
-                cache_dir,
-                ..RunnerOptions::default()
+            let work_dir = tempfile::Builder::new()
+                .prefix("drover-run-job")
+                .tempdir()?;
+            let binary = find_gitlab_runner(gitlab_runner.as_deref());
+            let mode = match (runner, binary) {
+                (RunnerKind::Real | RunnerKind::Auto, Some(binary)) => {
+                    let real = RealRunner {
+                        binary,
+                        builds_dir,
+                        cache_dir,
+                        work_dir: work_dir.path().to_owned(),
+                    };
+                    let version = real
+                        .version()
+                        .await
+                        .unwrap_or_else(|| "unknown version".into());
+                    eprintln!(
+                        "drover: running through {} ({version}) and drover's fake GitLab",
+                        real.binary.display()
+                    );
+                    RunnerMode::Real(real)
+                }
+                (RunnerKind::Real, None) => anyhow::bail!(
+                    "--runner real needs a GitLab Runner binary: pass --gitlab-runner PATH, set {GITLAB_RUNNER_BIN}, or put gitlab-runner on PATH"
+                ),
+                (RunnerKind::Emulated | RunnerKind::Auto, binary) => {
+                    let path_prefix = match binary {
+                        Some(binary) => Some(helper_dir(&binary, work_dir.path())?),
+                        None => None,
+                    };
+                    RunnerMode::Emulated(RunnerOptions {
+                        builds_dir,
+                        cache_dir,
+                        path_prefix,
+                        ..RunnerOptions::default()
+                    })
+                }
             };
+            let coordinator = Coordinator::start(work_dir.path().join("artifacts")).await?;
             let cancel = CancelHandle::new();
             // Ctrl-C once is a graceful cancel, twice an abort (§6.2).
             tokio::spawn({
@@ -172,16 +219,37 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 })),
                 ..Hooks::default()
             };
+            let outcomes = run_pipeline(
+                &jobs,
+                &selected,
+                &driver.driver(),
+                &mode,
+                &coordinator,
+                &hooks,
+                &cancel,
+            )
+            .await;
             let mut all_ok = true;
-            for job in selected {
-                let payload = job_payload(job, &jobs.variables, &PayloadOptions::fresh());
-                let report = run_job(&driver.driver(), &payload, &options, &hooks, &cancel).await;
-                let detail = match &report.result {
-                    JobResult::RunnerSystemFailure { reason } => format!(": {reason}"),
-                    _ => String::new(),
+            for job in &outcomes {
+                let line = match &job.outcome {
+                    PipelineOutcome::Finished(report) => {
+                        all_ok &= report.result == JobResult::Success;
+                        let detail = match &report.result {
+                            JobResult::RunnerSystemFailure { reason } => format!(": {reason}"),
+                            _ => String::new(),
+                        };
+                        format!("result: {}{detail}", report.result)
+                    }
+                    PipelineOutcome::Skipped(why) => {
+                        all_ok = false;
+                        format!("skipped: {why}")
+                    }
+                    PipelineOutcome::Broken(err) => {
+                        all_ok = false;
+                        format!("could not run: {err}")
+                    }
                 };
-                println!("Job {} result: {}{detail}", job.name, report.result);
-                all_ok &= report.result == JobResult::Success;
+                println!("Job {} {line}", job.name);
             }
             Ok(all_ok)
         }

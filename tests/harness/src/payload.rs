@@ -7,6 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use drover_protocol::{GitInfo, Image, JobInfo, JobResponse, JobStep, JobVariable, RunnerInfo};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::job::Job;
@@ -42,6 +43,32 @@ pub struct PayloadOptions {
     pub server_url: String,
     /// `CI_RUNNER_ID`.
     pub runner_id: u64,
+    /// Finished jobs of the pipeline this job depends on.
+    pub dependencies: Vec<PayloadDependency>,
+}
+
+/// One element of the payload's `dependencies`: an earlier job whose artifacts this job may
+/// download, with the token to download them (§8 `artifacts-downloader --token`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadDependency {
+    /// The job id.
+    pub id: u64,
+    /// The job name.
+    pub name: String,
+    /// The dependency's job token.
+    pub token: String,
+    /// Present when the job uploaded artifacts; the runner only downloads those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifacts_file: Option<ArtifactsFile>,
+}
+
+/// `artifacts_file` of a [`PayloadDependency`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactsFile {
+    /// `artifacts.zip`.
+    pub filename: String,
+    /// Size in bytes.
+    pub size: u64,
 }
 
 static NEXT_JOB_ID: AtomicU64 = AtomicU64::new(0);
@@ -70,6 +97,7 @@ impl PayloadOptions {
             project: "demo".into(),
             server_url: "http://127.0.0.1".into(),
             runner_id: 1,
+            dependencies: Vec::new(),
         }
     }
 
@@ -200,8 +228,10 @@ pub fn job_payload(
                 .collect(),
         ),
     );
-    // Pipelines are not run yet, so no dependency ever has an artifacts file (§4.1 row 4).
-    other.insert("dependencies".into(), Value::Array(Vec::new()));
+    other.insert(
+        "dependencies".into(),
+        serde_json::to_value(&options.dependencies).unwrap_or(Value::Array(Vec::new())),
+    );
 
     JobResponse {
         id: options.job_id,

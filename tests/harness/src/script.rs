@@ -311,20 +311,23 @@ fn get_sources(info: &ScriptInfo, w: &mut Writer) {
     exports(info, w, false);
     w.line("export GIT_TERMINAL_PROMPT=0");
     w.line("export GCM_INTERACTIVE=Never");
-    match info.git_strategy.as_str() {
-        "none" => {}
-        "empty" => {
-            w.notice("Skipping Git repository setup and creating an empty build directory");
-            w.command(&["rm", "-r", "-f", &info.project_dir]);
-            w.command(&["mkdir", "-p", &info.project_dir]);
-            return;
+    if info.git_strategy == "empty" {
+        w.notice("Skipping Git repository setup and creating an empty build directory");
+        w.command(&["rm", "-r", "-f", &info.project_dir]);
+    } else {
+        if info.git_strategy != "none" {
+            w.warning(&format!(
+                "The drover emulated runner does not clone (GIT_STRATEGY={}); treating it as none",
+                info.git_strategy
+            ));
         }
-        other => w.warning(&format!(
-            "The drover emulated runner does not clone (GIT_STRATEGY={other}); treating it as none"
-        )),
+        w.notice("Skipping Git repository setup");
     }
-    w.notice("Skipping Git repository setup");
     w.command(&["mkdir", "-p", &info.project_dir]);
+    // Without a repository there is no checkout and no submodule update, and the runner says
+    // so (`writeCheckoutCmd`, `writeSubmoduleUpdateCmds`); seen from runner 17.9.3.
+    w.notice("Skipping Git checkout");
+    w.notice("Skipping Git submodules setup");
 }
 
 fn clear_worktree(info: &ScriptInfo, w: &mut Writer) {
@@ -615,6 +618,22 @@ mod tests {
         assert!(stdout.contains("it's \"here\"\n$HOME\n"), "{stdout}");
         assert!(stdout.contains("content\n"), "{stdout}");
         assert!(!stdout.contains("never"));
+    }
+
+    /// Pins a difference found against runner 17.9.3: without a repository it also says
+    /// that checkout and submodules are skipped.
+    #[test]
+    fn get_sources_without_a_repository_says_what_it_skips() {
+        let mut info = info("/b", &["true"]);
+        info.git_strategy = "none".into();
+        let script = generate(&info, &SubStage::GetSources).expect("get_sources always runs");
+        for notice in [
+            "Skipping Git repository setup",
+            "Skipping Git checkout",
+            "Skipping Git submodules setup",
+        ] {
+            assert!(script.contains(notice), "{notice}: {script}");
+        }
     }
 
     #[test]

@@ -1,0 +1,79 @@
+//! Shared by the integration tests: the driver under test, its settings, and the `drover` CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const DRIVER: &str = env!("CARGO_BIN_EXE_drover-local");
+
+/// The `drover` CLI, built beside this driver by `cargo test --workspace`.
+pub fn drover() -> PathBuf {
+    let path = Path::new(DRIVER).with_file_name("drover");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p drover-harness` first)",
+        path.display()
+    );
+    path
+}
+
+pub struct Settings {
+    pub dir: tempfile::TempDir,
+}
+
+impl Settings {
+    pub fn new(extra: &str) -> Settings {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = format!("[driver]\nroot = {:?}\n{extra}", dir.path().join("root"));
+        std::fs::write(dir.path().join("local.toml"), text).expect("settings");
+        Settings { dir }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("local.toml")
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn driver(&self, args: &[&str]) -> Output {
+        Command::new(DRIVER)
+            .arg("--config")
+            .arg(self.path())
+            .args(args)
+            .output()
+            .expect("driver runs")
+    }
+}
+
+pub fn run_job(settings: &Settings, job_yaml: &str) -> Output {
+    let job = settings.dir.path().join("job.yml");
+    std::fs::write(&job, job_yaml).expect("job file");
+    Command::new(drover())
+        .arg("run-job")
+        .arg(&job)
+        .arg("--driver")
+        .arg(DRIVER)
+        .args(["--driver-arg", "--config", "--driver-arg"])
+        .arg(settings.path())
+        .output()
+        .expect("drover runs")
+}
+
+pub fn processes_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline)
+            .replace('\0', " ")
+            .contains(needle)
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
