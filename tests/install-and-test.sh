@@ -17,6 +17,22 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     fi
 fi
 
+# Podman driver tests need podman, its Docker-compatible API socket and locally built images
+# (no registry is reachable): tests/setup/podman.sh sets them up and is quick on a rerun. Its
+# failure does not stop the other tests; the podman tests then skip (they run only when
+# DROVER_PODMAN_SOCKET is set, and it is exported only if the socket answers).
+podman_sock=/run/podman/podman.sock
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    bash tests/setup/podman.sh </dev/null || echo "note: tests/setup/podman.sh failed (see above)"
+fi
+if [ -n "${DROVER_PODMAN_SOCKET:-}" ]; then
+    :   # the caller chose a socket; keep it
+elif curl -sf --max-time 2 --unix-socket "$podman_sock" http://d/_ping >/dev/null 2>&1; then
+    export DROVER_PODMAN_SOCKET=$podman_sock
+else
+    echo "note: no podman API on $podman_sock (needs root and apt-get to set up): podman tests will skip"
+fi
+
 # Real-runner tests need a GitLab Runner binary; without one they skip with one line.
 if [ -z "${GITLAB_RUNNER_BIN:-}" ] && ! command -v gitlab-runner >/dev/null; then
     echo "note: no GITLAB_RUNNER_BIN and no gitlab-runner on PATH: real-runner tests will skip"

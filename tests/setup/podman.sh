@@ -1,0 +1,275 @@
+#!/usr/bin/env bash
+# Sets up podman, its Docker-compatible API socket and the images the podman driver's tests use,
+# on a Debian 12 machine of the project's kind (run as root). Idempotent: a second run on the same
+# machine changes nothing and takes a few seconds. Every trap cited below ("backends.md") is
+# described in /work/shared/backends.md, intro and section "Podman (and its Docker-compatible API)".
+#
+# Result:
+#   - /run/podman/podman.sock answers the Docker API (podman system service, left running);
+#   - images (no registry is reachable, so all are built here from Debian packages):
+#       localhost/drover-test/debian:bookworm   user image: minbase + procps, no git/gitlab-runner
+#       localhost/drover-test/helper:bookworm   the same + git, ca-certificates, curl (helper image;
+#                                               the driver bind-mounts gitlab-runner into it)
+#       localhost/drover-test/busybox:latest    busybox-static only (service containers: nc -l -p)
+#   - rootfs tarballs cached in /var/cache/drover/images/, so a rerun after `podman rmi` imports
+#     instead of running debootstrap again.
+#
+# Environment: DROVER_DEBIAN_MIRROR (default http://deb.debian.org/debian, the mirror apt uses here).
+set -euo pipefail
+
+SOCK_PATH=/run/podman/podman.sock
+SOCK_URL=unix://$SOCK_PATH
+SERVICE_LOG=/var/log/drover-podman-service.log
+CACHE=/var/cache/drover/images
+MIRROR=${DROVER_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+SUITE=bookworm
+USER_IMAGE=localhost/drover-test/debian:bookworm
+HELPER_IMAGE=localhost/drover-test/helper:bookworm
+BUSYBOX_IMAGE=localhost/drover-test/busybox:latest
+# Packages on top of debootstrap's minbase (which already has bash, coreutils, util-linux for
+# setsid, findutils, tar). procps gives ps/kill to the tests.
+USER_INCLUDE=procps
+HELPER_EXTRA=(git ca-certificates curl tar)
+# Cache file names carry the recipe, so changing the package lists above builds new tarballs
+# instead of silently importing stale ones.
+USER_TAR=$CACHE/debian-$SUITE-minbase-${USER_INCLUDE//,/+}.tar
+HELPER_TAR=$CACHE/helper-$SUITE-minbase-${USER_INCLUDE//,/+}+$(IFS=+; echo "${HELPER_EXTRA[*]}").tar
+BUSYBOX_TAR=$CACHE/busybox-static-$SUITE.tar
+IMAGE_PATH_ENV=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export DEBIAN_FRONTEND=noninteractive
+
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+t0=$(now_ms)
+step_start=$t0
+say() { # one summary line per step, with the step's duration
+    local now; now=$(now_ms)
+    printf 'podman setup: %s (%d.%01d s)\n' "$*" $(( (now - step_start) / 1000 )) $(( (now - step_start) % 1000 / 100 ))
+    step_start=$now
+}
+die() { echo "podman setup: ERROR: $*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (installs packages, runs the rootful podman service)"
+command -v apt-get >/dev/null || die "needs apt-get (Debian)"
+
+# Work directory for rootfs builds, on the cache's file system. Removed on exit however we exit.
+# --one-file-system: if a killed debootstrap ever left proc/sys mounted inside a rootfs, rm must
+# not descend into the host's /proc or /sys.
+mkdir -p "$CACHE"
+work=
+cleanup() { [ -z "$work" ] || rm -rf --one-file-system "$work"; }
+trap cleanup EXIT
+
+# Two runs at once (CI plus a developer) would race on the cache and on starting the service
+# (backends.md rerun trap): serialise them, with a bounded wait.
+exec 9>/var/cache/drover/podman-setup.lock
+flock -w 900 9 || die "another tests/setup/podman.sh has held /var/cache/drover/podman-setup.lock for 15 min"
+
+# ---------------------------------------------------------------------------------------------
+# 1. Packages. `runc` by name: podman depends on `crun | runc` and crun refuses this machine's
+#    cgroups v1 hybrid mode (backends.md). debootstrap builds the images (no registry reachable),
+#    curl probes the API socket. apt-get update (about 1 s) only when something is missing.
+#    DPkg::Lock::Timeout: wait (bounded) instead of failing if another apt is running.
+need=()
+for pkg in podman runc debootstrap curl tar; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+    apt-get -o DPkg::Lock::Timeout=300 update -qq
+    apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" </dev/null
+    say "installed ${need[*]}"
+else
+    say "packages present (podman runc debootstrap curl tar)"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 2. /etc/containers/containers.conf, exactly as backends.md says works: podman's default rlimits
+#    (nofile 1048576) exceed the hard limits here (nofile 20000, nproc 96365; root lacks
+#    CAP_SYS_RESOURCE), so every start failed with "error setting rlimit type 7". Set both nofile
+#    and nproc (setting one drops the default of the other). cgroupfs because there is no systemd;
+#    runc because crun cannot use cgroups v1 hybrid mode.
+conf=/etc/containers/containers.conf
+want_conf='# Written by drover tests/setup/podman.sh; see /work/shared/backends.md (Podman section).
+[containers]
+default_ulimits = ["nofile=16384:16384", "nproc=32768:32768"]
+[engine]
+cgroup_manager = "cgroupfs"
+runtime = "runc"'
+conf_changed=false
+if [ "$(cat "$conf" 2>/dev/null)" != "$want_conf" ]; then
+    mkdir -p /etc/containers
+    [ ! -e "$conf" ] || cp -p "$conf" "$conf.drover-backup"
+    printf '%s\n' "$want_conf" >"$conf.tmp" && mv "$conf.tmp" "$conf"
+    conf_changed=true
+    say "wrote $conf"
+else
+    say "$conf already as wanted"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 3. The Docker-compatible API service. No systemd here (PID 1 is not systemd; apt starts no
+#    service), so we start it ourselves. Rerun trap (backends.md): a second `podman system service`
+#    on the same path silently replaces the socket and, when either exits, the socket is removed,
+#    leaving the other deaf. So start one only if the socket does not answer. A stale socket file
+#    from a killed service is harmless (the new service replaces it).
+ping() { curl -sf --max-time 2 --unix-socket "$SOCK_PATH" http://d/_ping >/dev/null 2>&1; }
+if ping; then
+    if $conf_changed; then
+        echo "podman setup: WARNING: $conf changed but a podman service was already running on" \
+             "$SOCK_PATH; it keeps its old settings until it is stopped and this script rerun" >&2
+    fi
+    started="already running"
+else
+    # /run is a plain directory here, not a tmpfs, and has no /run/podman: without it the bind
+    # fails with "no such file or directory".
+    mkdir -p /run/podman
+    # Fully detached: setsid (own session, no controlling terminal), nohup, stdin from /dev/null
+    # and stdout/stderr to a log, so it survives this script and never holds the caller's pipes
+    # open (a CI step reading our output would otherwise never see EOF). --time=0: never idle out.
+    # Every other inherited fd is closed too: our lock (fd 9; the service would hold it for ever)
+    # and anything the caller left open. Seen here: the service had kept the write end of a pipe
+    # from the shell that ran this script; a caller waiting for EOF on such a pipe never returns.
+    (
+        for fd in /proc/"$BASHPID"/fd/*; do
+            fd=${fd##*/}
+            [ "$fd" -le 2 ] || eval "exec $fd>&-"
+        done
+        exec setsid nohup podman system service --time=0 "$SOCK_URL" >>"$SERVICE_LOG" 2>&1 </dev/null
+    ) &
+    service_pid=$!
+    # It answers within 0.3 s here (backends.md); allow 10 s (50 x 0.2 s).
+    for _ in $(seq 50); do
+        ping && break
+        kill -0 "$service_pid" 2>/dev/null || die "podman system service exited at once; see $SERVICE_LOG"
+        sleep 0.2
+    done
+    ping || die "podman system service (pid $service_pid) did not answer on $SOCK_PATH within 10 s; see $SERVICE_LOG"
+    started="started, pid $service_pid, log $SERVICE_LOG"
+fi
+# The version from _ping's Libpod-Api-Version header: GET /version costs 0.76 s here (podman
+# gathers host info for it), _ping 0.01 s.
+version=$(curl -sfI --max-time 2 --unix-socket "$SOCK_PATH" http://d/_ping \
+    | tr -d '\r' | sed -n 's/^Libpod-Api-Version: *//Ip' | head -n1)
+say "podman ${version:-?} ready on $SOCK_PATH ($started)"
+
+# ---------------------------------------------------------------------------------------------
+# 4. Images. No image registry is reachable (backends.md): build root file systems from Debian
+#    packages, cache them as tarballs, import with `podman import`. Everything is skipped when the
+#    image exists; the tarball cache saves the ~55 s debootstrap after a `podman rmi`.
+work=$(mktemp -d "$CACHE/.build.XXXXXX")
+
+# tar_rootfs DIR FILE: write FILE atomically (a killed run must not leave a truncated tarball
+# that later runs would import).
+tar_rootfs() {
+    tar --numeric-owner -C "$1" -cf "$2.tmp" . && mv "$2.tmp" "$2"
+}
+
+# slim DIR: drop what makes the image big or leaks the host: downloaded .debs, apt lists (apt-get
+# update restores them), and the host's resolv.conf that debootstrap copied in (podman mounts its
+# own /etc/resolv.conf and /etc/hostname into containers).
+slim() {
+    rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/cache/apt/*.bin "$1"/var/lib/apt/lists/* \
+        "$1"/debootstrap
+    : >"$1/etc/resolv.conf"
+}
+
+# in_rootfs DIR CMD...: run CMD chrooted in DIR with /proc mounted (some maintainer scripts read
+# it). The mount lives in a private mount+PID namespace, so it disappears with the command even if
+# we are killed: nothing is left mounted on the host.
+in_rootfs() {
+    local root=$1; shift
+    unshare --fork --pid --mount --mount-proc="$root/proc" \
+        chroot "$root" /usr/bin/env -i HOME=/root "$IMAGE_PATH_ENV" DEBIAN_FRONTEND=noninteractive "$@"
+}
+
+build_user_tar() {
+    [ -s "$USER_TAR" ] && return 0
+    local root=$work/debian
+    # debootstrap mounts proc/sys in the target; a private mount namespace keeps those mounts off
+    # the host if it dies half-way. </dev/null: CI has no stdin.
+    unshare --mount --fork debootstrap --variant=minbase --include="$USER_INCLUDE" \
+        "$SUITE" "$root" "$MIRROR" >"$work/debootstrap.log" 2>&1 </dev/null \
+        || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap $SUITE failed (log above)"; }
+    # The user image must not have git (it stands for "a user image without git or gitlab-runner").
+    [ ! -e "$root/usr/bin/git" ] || die "user rootfs unexpectedly contains git"
+    for tool in bash setsid ps kill find; do
+        in_rootfs "$root" sh -c "command -v $tool" >/dev/null || die "user rootfs lacks $tool"
+    done
+    slim "$root"
+    tar_rootfs "$root" "$USER_TAR"
+    rm -rf --one-file-system "$root"
+}
+
+build_helper_tar() {
+    [ -s "$HELPER_TAR" ] && return 0
+    # The helper is the user rootfs plus a few packages: unpack the cached user tarball and
+    # apt-get install into it (about 15 s) instead of a second ~55 s debootstrap.
+    build_user_tar
+    local root=$work/helper
+    mkdir -p "$root"
+    tar --numeric-owner -xpf "$USER_TAR" -C "$root"
+    cp /etc/resolv.conf "$root/etc/resolv.conf"   # name resolution for apt inside the chroot
+    in_rootfs "$root" apt-get update -qq </dev/null >"$work/helper-apt.log" 2>&1 \
+        && in_rootfs "$root" apt-get install -y -qq --no-install-recommends "${HELPER_EXTRA[@]}" \
+            </dev/null >>"$work/helper-apt.log" 2>&1 \
+        || { tail -n 30 "$work/helper-apt.log" >&2; die "apt-get install ${HELPER_EXTRA[*]} in the helper rootfs failed"; }
+    for tool in git curl tar bash setsid ps; do
+        in_rootfs "$root" sh -c "command -v $tool" >/dev/null || die "helper rootfs lacks $tool"
+    done
+    slim "$root"
+    tar_rootfs "$root" "$HELPER_TAR"
+    rm -rf --one-file-system "$root"
+}
+
+build_busybox_tar() {
+    [ -s "$BUSYBOX_TAR" ] && return 0
+    local dl=$work/busybox-deb root=$work/busybox
+    mkdir -p "$dl" "$root"
+    # apt-get download leaves the host untouched (installing busybox-static would conflict with a
+    # `busybox` package). It needs package lists: on a fresh machine where step 1 installed
+    # nothing there may be none, so update once and retry. Sandbox user root: _apt cannot write
+    # to our 0700 work directory.
+    ( cd "$dl" && apt-get -o APT::Sandbox::User=root download -qq busybox-static </dev/null >/dev/null 2>&1 ) \
+        || { apt-get -o DPkg::Lock::Timeout=300 update -qq \
+             && ( cd "$dl" && apt-get -o APT::Sandbox::User=root download -qq busybox-static </dev/null ); } \
+        || die "apt-get download busybox-static failed"
+    dpkg-deb -x "$dl"/busybox-static_*.deb "$dl/x"
+    mkdir -p "$root"/{bin,etc,tmp,proc,sys,dev,root,var/tmp}
+    chmod 1777 "$root/tmp" "$root/var/tmp"
+    install -m 0755 "$dl/x/bin/busybox" "$root/bin/busybox"
+    # One symlink per applet (sh, sleep, cat, echo, nc, ls, mkdir, rm, printf, kill, ...), all in
+    # /bin. The binary is static, so the host can run it to list its applets.
+    local applet
+    for applet in $("$root/bin/busybox" --list); do
+        [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
+    done
+    for applet in sh sleep cat echo nc ls mkdir rm printf kill; do
+        [ -L "$root/bin/$applet" ] || die "busybox-static has no applet $applet"
+    done
+    # A root user, so `id`, `whoami` and podman's user lookup behave.
+    printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
+    printf 'root:x:0:\n' >"$root/etc/group"
+    tar_rootfs "$root" "$BUSYBOX_TAR"
+    rm -rf --one-file-system "$root" "$dl"
+}
+
+# ensure_image NAME BUILD_FUNCTION TARBALL SHELL
+ensure_image() {
+    local name=$1 build=$2 tarball=$3 shell=$4 how
+    if podman image exists "$name"; then
+        say "image $name present"
+        return 0
+    fi
+    if [ -s "$tarball" ]; then how="imported from cached $tarball"; else how="built and imported (cached as $tarball)"; fi
+    "$build"
+    # An imported image has no config: give it a PATH and a default command.
+    podman import --quiet --change "ENV $IMAGE_PATH_ENV" --change "CMD [\"$shell\"]" \
+        "$tarball" "$name" </dev/null >/dev/null || die "podman import $tarball as $name failed"
+    say "image $name $how"
+}
+
+ensure_image "$USER_IMAGE" build_user_tar "$USER_TAR" /bin/bash
+ensure_image "$HELPER_IMAGE" build_helper_tar "$HELPER_TAR" /bin/bash
+ensure_image "$BUSYBOX_IMAGE" build_busybox_tar "$BUSYBOX_TAR" /bin/sh
+
+step_start=$t0
+say "done"
