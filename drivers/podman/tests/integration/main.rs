@@ -1,0 +1,325 @@
+//! drover-podman against the real podman service, called as GitLab Runner calls it (through
+//! the `drover` CLI's emulated runner). Every test skips with one line when no engine answers;
+//! `tests/install-and-test.sh` sets podman up and exports `DROVER_PODMAN_SOCKET`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const DRIVER: &str = env!("CARGO_BIN_EXE_drover-podman");
+const USER_IMAGE: &str = "localhost/drover-test/debian:bookworm";
+const HELPER_IMAGE: &str = "localhost/drover-test/helper:bookworm";
+const SERVICE_IMAGE: &str = "localhost/drover-test/busybox:latest";
+
+/// The engine's socket, or `None` (and one line saying why) when there is none to test with.
+fn engine(test: &str) -> Option<PathBuf> {
+    let socket = std::env::var_os("DROVER_PODMAN_SOCKET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/podman/podman.sock"));
+    let answers = Command::new("curl")
+        .args(["-sf", "--max-time", "5", "--unix-socket"])
+        .arg(&socket)
+        .arg("http://d/_ping")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !answers {
+        eprintln!(
+            "skipped {test}: no podman API at {} (run tests/setup/podman.sh as root)",
+            socket.display()
+        );
+        return None;
+    }
+    Some(socket)
+}
+
+/// The `drover` CLI, built beside the driver by `cargo test --workspace`.
+fn drover() -> PathBuf {
+    let path = Path::new(DRIVER).with_file_name("drover");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A settings file with a runner name of its own, so leftovers are attributable to one test.
+struct Setup {
+    dir: tempfile::TempDir,
+    runner: String,
+}
+
+impl Setup {
+    fn new(test: &str, socket: &Path, driver: &str, policy: &str) -> Setup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let runner = format!("{test}-{}", std::process::id());
+        let text = format!(
+            "runner_name = \"{runner}\"\n\
+             [driver]\nsocket = {socket:?}\npull_policy = \"never\"\nstate_dir = {state:?}\n{driver}\n\
+             [policy]\ndefault_image = \"{USER_IMAGE}\"\nallowed_images = [\"localhost/drover-test/**\"]\n{policy}\n",
+            state = dir.path().join("state"),
+        );
+        std::fs::write(dir.path().join("podman.toml"), text).expect("settings");
+        Setup { dir, runner }
+    }
+
+    fn settings(&self) -> PathBuf {
+        self.dir.path().join("podman.toml")
+    }
+
+    fn run_job(&self, yaml: &str, extra: &[&str]) -> (bool, String) {
+        let job = self.dir.path().join("job.yml");
+        std::fs::write(&job, yaml).expect("job file");
+        let output = Command::new(drover())
+            .arg("run-job")
+            .arg(&job)
+            .args([
+                "--driver",
+                DRIVER,
+                "--runner",
+                "emulated",
+                "--driver-arg",
+                "--config",
+                "--driver-arg",
+            ])
+            .arg(self.settings())
+            .args(extra)
+            .output()
+            .expect("drover runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    }
+
+    fn driver(&self, args: &[&str]) -> Output {
+        Command::new(DRIVER)
+            .arg("--config")
+            .arg(self.settings())
+            .args(args)
+            .output()
+            .expect("driver runs")
+    }
+
+    /// Containers and volumes of this runner still on the engine.
+    fn leftovers(&self) -> Vec<String> {
+        let label = format!("label=drover.runner={}", self.runner);
+        let mut found = Vec::new();
+        for args in [
+            vec!["ps", "-a", "--filter", &label, "--format", "{{.Names}}"],
+            vec!["volume", "ls", "--filter", &label, "--format", "{{.Name}}"],
+        ] {
+            let output = Command::new("podman")
+                .args(&args)
+                .output()
+                .expect("podman CLI");
+            found.extend(
+                String::from_utf8_lossy(&output.stdout)
+                    .lines()
+                    .map(str::to_owned),
+            );
+        }
+        found
+    }
+}
+
+fn stand_in() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/harness/stand-in/gitlab-runner")
+}
+
+#[test]
+fn passes_the_conformance_suite_and_leaves_nothing_behind() {
+    let Some(socket) = engine("passes_the_conformance_suite_and_leaves_nothing_behind") else {
+        return;
+    };
+    let setup = Setup::new("conformance", &socket, "network_mode = \"none\"", "");
+    let output = Command::new(drover())
+        .args([
+            "conformance",
+            "--driver",
+            DRIVER,
+            "--driver-arg",
+            "--config",
+            "--driver-arg",
+        ])
+        .arg(setup.settings())
+        .output()
+        .expect("drover conformance runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    // The suite ran successes, failures, a cancel and a timeout: none may leave anything.
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_user_image_without_git_or_gitlab_runner_gets_cache_and_artifacts_through_the_helper() {
+    let Some(socket) = engine(
+        "a_user_image_without_git_or_gitlab_runner_gets_cache_and_artifacts_through_the_helper",
+    ) else {
+        return;
+    };
+    // Host networking only so the helper reaches drover's fake GitLab on 127.0.0.1.
+    let driver = format!(
+        "network_mode = \"host\"\nhelper_image = \"{HELPER_IMAGE}\"\ngitlab_runner_binary = {:?}",
+        stand_in()
+    );
+    let setup = Setup::new("helper", &socket, &driver, "");
+    let pipeline = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/jobs/pipeline.yml"))
+        .expect("example pipeline")
+        .replace(
+            "    - cat out/result.txt\n",
+            "    - cat out/result.txt\n    - if command -v git || command -v gitlab-runner; then exit 9; fi\n",
+        );
+    let (ok, log) = setup.run_job(&pipeline, &[]);
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("release 1.0 built by job"),
+        "artifacts did not arrive: {log}"
+    );
+    assert!(
+        log.contains("dependencies fetched by job"),
+        "cache was not restored: {log}"
+    );
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_service_is_reachable_by_its_alias() {
+    let Some(socket) = engine("a_service_is_reachable_by_its_alias") else {
+        return;
+    };
+    let setup = Setup::new("service", &socket, "network_mode = \"none\"", "");
+    let yaml = format!(
+        "svc:\n  services:\n    - name: {SERVICE_IMAGE}\n      alias: echo-svc\n      command: [\"sh\", \"-c\", \"while true; do echo pong | nc -l -p 7777; done\"]\n  script:\n    - for i in $(seq 1 50); do if exec 3<>/dev/tcp/echo-svc/7777; then cat <&3; break; fi; sleep 0.2; done\n"
+    );
+    let (ok, log) = setup.run_job(&yaml, &[]);
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("Starting service localhost/drover-test/busybox:latest as echo-svc"),
+        "{log}"
+    );
+    assert!(log.contains("pong"), "{log}");
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_missing_engine_socket_is_a_system_failure_that_names_it() {
+    let Some(_) = engine("a_missing_engine_socket_is_a_system_failure_that_names_it") else {
+        return;
+    };
+    let setup = Setup::new("nosocket", Path::new("/nonexistent/podman.sock"), "", "");
+    let (ok, log) = setup.run_job("x:\n  script: [echo never]\n", &[]);
+    assert!(!ok);
+    assert!(
+        log.contains("the engine socket /nonexistent/podman.sock does not exist"),
+        "{log}"
+    );
+    assert!(log.contains("result: runner_system_failure"), "{log}");
+}
+
+#[test]
+fn an_image_off_the_allow_list_is_a_system_failure_that_names_the_list() {
+    let Some(socket) =
+        engine("an_image_off_the_allow_list_is_a_system_failure_that_names_the_list")
+    else {
+        return;
+    };
+    let setup = Setup::new("allowlist", &socket, "", "");
+    let (ok, log) = setup.run_job(
+        "x:\n  image: docker.io/library/alpine:3\n  script: [echo never]\n",
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        log.contains("policy.allowed_images (localhost/drover-test/**)"),
+        "{log}"
+    );
+    assert!(log.contains("result: runner_system_failure"), "{log}");
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_missing_image_with_pull_policy_never_is_a_clear_error() {
+    let Some(socket) = engine("a_missing_image_with_pull_policy_never_is_a_clear_error") else {
+        return;
+    };
+    let setup = Setup::new("noimage", &socket, "", "");
+    let (ok, log) = setup.run_job(
+        "x:\n  image: localhost/drover-test/absent:1\n  script: [echo never]\n",
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        log.contains(
+            "image localhost/drover-test/absent:1 is not present and pull_policy is never"
+        ),
+        "{log}"
+    );
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn gc_removes_only_expired_jobs_and_doctor_reports_the_engine() {
+    let Some(socket) = engine("gc_removes_only_expired_jobs_and_doctor_reports_the_engine") else {
+        return;
+    };
+    let setup = Setup::new("gc", &socket, "network_mode = \"none\"", "");
+    // A job whose cleanup never ran: config and prepare only, as after a runner crash. Its
+    // payload's timeout is one second and the grace is zero, so it expires at once.
+    std::fs::write(
+        setup.settings(),
+        std::fs::read_to_string(setup.settings())
+            .expect("settings")
+            .replace("runner_name", "gc_grace_secs = 0\nrunner_name"),
+    )
+    .expect("settings");
+    let tmp = setup.dir.path().join("custom-executor1");
+    std::fs::create_dir_all(&tmp).expect("tmp");
+    std::fs::write(
+        tmp.join("response.json"),
+        r#"{"id": 99001, "token": "t", "job_info": {"project_id": 5}, "runner_info": {"timeout": 1}, "variables": []}"#,
+    )
+    .expect("response");
+    let prepare = Command::new(DRIVER)
+        .arg("--config")
+        .arg(setup.settings())
+        .arg("prepare")
+        .current_dir(&tmp)
+        .env("BUILD_FAILURE_EXIT_CODE", "1")
+        .env("SYSTEM_FAILURE_EXIT_CODE", "2")
+        .env("JOB_RESPONSE_FILE", tmp.join("response.json"))
+        .env("TMPDIR", &tmp)
+        .output()
+        .expect("prepare");
+    assert!(
+        prepare.status.success(),
+        "{}",
+        String::from_utf8_lossy(&prepare.stderr)
+    );
+    assert!(!setup.leftovers().is_empty());
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+
+    let dry = setup.driver(&["gc", "--dry-run"]);
+    assert!(
+        String::from_utf8_lossy(&dry.stdout).contains("would remove job 99001"),
+        "{}",
+        String::from_utf8_lossy(&dry.stdout)
+    );
+    assert!(!setup.leftovers().is_empty(), "a dry run removed something");
+    let gc = setup.driver(&["gc"]);
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+
+    let doctor = setup.driver(&["doctor"]);
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(doctor.status.success(), "{text}");
+    assert!(text.contains("ok   engine:"), "{text}");
+}
