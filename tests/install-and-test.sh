@@ -18,12 +18,15 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 
 # Podman driver tests need podman, its Docker-compatible API socket and locally built images
-# (no registry is reachable): tests/setup/podman.sh sets them up and is quick on a rerun. Its
-# failure does not stop the other tests; the podman tests then skip (they run only when
-# DROVER_PODMAN_SOCKET is set, and it is exported only if the socket answers).
+# (no registry is reachable): tests/setup/podman.sh sets them up and is quick on a rerun. On a
+# developer's machine its failure only makes the podman tests skip; in CI it fails the run, so
+# a broken setup can never pass as skipped tests.
 podman_sock=/run/podman/podman.sock
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    bash tests/setup/podman.sh </dev/null || echo "note: tests/setup/podman.sh failed (see above)"
+    if ! bash tests/setup/podman.sh </dev/null; then
+        [ "${CI:-}" = true ] && { echo "tests/setup/podman.sh failed" >&2; exit 1; }
+        echo "note: tests/setup/podman.sh failed (see above): podman tests will skip"
+    fi
 fi
 if [ -n "${DROVER_PODMAN_SOCKET:-}" ]; then
     :   # the caller chose a socket; keep it
