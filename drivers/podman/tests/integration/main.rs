@@ -66,7 +66,9 @@ impl Setup {
         self.dir.path().join("podman.toml")
     }
 
-    fn run_job(&self, yaml: &str, extra: &[&str]) -> (bool, String) {
+    /// Runs the job file through `drover run-job`; `runner` picks the runner (default: the
+    /// emulated one).
+    fn run_job(&self, yaml: &str, runner: &[&str]) -> (bool, String) {
         let job = self.dir.path().join("job.yml");
         std::fs::write(&job, yaml).expect("job file");
         let output = Command::new(drover())
@@ -75,14 +77,16 @@ impl Setup {
             .args([
                 "--driver",
                 DRIVER,
-                "--runner",
-                "emulated",
                 "--driver-arg",
                 "--config",
                 "--driver-arg",
             ])
             .arg(self.settings())
-            .args(extra)
+            .args(if runner.is_empty() {
+                &["--runner", "emulated"][..]
+            } else {
+                runner
+            })
             .output()
             .expect("drover runs");
         (
@@ -322,4 +326,49 @@ fn gc_removes_only_expired_jobs_and_doctor_reports_the_engine() {
     let text = String::from_utf8_lossy(&doctor.stdout);
     assert!(doctor.status.success(), "{text}");
     assert!(text.contains("ok   engine:"), "{text}");
+}
+
+/// A GitLab Runner binary for the real-runner test, or `None` and one line saying so.
+fn gitlab_runner(test: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("GITLAB_RUNNER_BIN")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from);
+    if found.is_none() {
+        eprintln!(
+            "skipped {test}: no GitLab Runner binary (set GITLAB_RUNNER_BIN to run the real-runner tests)"
+        );
+    }
+    found
+}
+
+#[test]
+fn real_runner_pipeline_with_the_runners_own_helpers_in_the_helper_container() {
+    let test = "real_runner_pipeline_with_the_runners_own_helpers_in_the_helper_container";
+    let (Some(socket), Some(runner)) = (engine(test), gitlab_runner(test)) else {
+        return;
+    };
+    // The real gitlab-runner binary is mounted into the helper: cache and artifacts use the
+    // runner's own helper commands; host networking lets them reach drover's fake GitLab.
+    let driver = format!(
+        "network_mode = \"host\"\nhelper_image = \"{HELPER_IMAGE}\"\ngitlab_runner_binary = {runner:?}"
+    );
+    let setup = Setup::new("realrunner", &socket, &driver, "");
+    let pipeline = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/jobs/pipeline.yml"
+    ))
+    .expect("example pipeline");
+    let runner_arg = runner.to_string_lossy().into_owned();
+    let (ok, log) = setup.run_job(
+        &pipeline,
+        &["--runner", "real", "--gitlab-runner", &runner_arg],
+    );
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("Running with gitlab-runner"),
+        "not the real runner: {log}"
+    );
+    assert!(log.contains("release 1.0 built by job"), "{log}");
+    assert!(log.contains("dependencies fetched by job"), "{log}");
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
