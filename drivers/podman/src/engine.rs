@@ -350,9 +350,49 @@ impl Engine {
         })
     }
 
+    /// A stream of the container's stdout and stderr from now on (not its stdin: podman closes
+    /// a container's stdin when an attach that held it ends).
+    pub async fn attach_output(
+        &self,
+        container: &str,
+    ) -> Result<
+        std::pin::Pin<
+            Box<dyn futures_util::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
+        >,
+    > {
+        let options = bollard::query_parameters::AttachContainerOptions {
+            stream: true,
+            stdout: true,
+            stderr: true,
+            ..bollard::query_parameters::AttachContainerOptions::default()
+        };
+        let attached = self
+            .docker
+            .attach_container(container, Some(options))
+            .await
+            .map_err(|err| self.error(&format!("attach to container {container}"), &err))?;
+        Ok(attached.output)
+    }
+
+    /// Unpacks the tar `archive` at `path` inside the container.
+    pub async fn upload(&self, container: &str, path: &str, archive: &[u8]) -> Result<()> {
+        let options = bollard::query_parameters::UploadToContainerOptions {
+            path: path.to_owned(),
+            ..bollard::query_parameters::UploadToContainerOptions::default()
+        };
+        self.docker
+            .upload_to_container(
+                container,
+                Some(options),
+                bollard::body_full(archive.to_vec().into()),
+            )
+            .await
+            .map_err(|err| self.error(&format!("copy the script into {container}"), &err))
+    }
+
     /// SIGTERM to every process of the container except PID 1 (the keep-alive), SIGKILL to
     /// those left a second later. Best effort: cleanup removes the container anyway.
-    async fn stop_processes(&self, container: &str) {
+    pub async fn stop_processes(&self, container: &str) {
         let config = ExecConfig {
             cmd: Some(
                 [

@@ -31,6 +31,7 @@ use serde::Deserialize;
 mod auth;
 mod engine;
 mod services;
+mod stages;
 
 use engine::{Engine, PullPolicy};
 
@@ -43,9 +44,8 @@ const RUNNER_IN_CONTAINER: &str = "/usr/local/bin/gitlab-runner";
 /// Label: which part of the job a container is.
 const LABEL_ROLE: &str = "drover.role";
 
-/// Keeps a container alive without a TTY, and exits at once on the engine's SIGTERM. Only
-/// `sh` and `sleep` are needed in the image. The sleep runs in the background so `wait`
-/// returns when it is killed (by the cancel path's `kill -1`), and the loop starts another.
+/// Keeps the container that holds a job's network namespace alive, and exits at once on the
+/// engine's SIGTERM. Only `sh` and `sleep` are needed in the image.
 const KEEPALIVE: &str = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
 
 /// The `[driver]` table.
@@ -206,7 +206,10 @@ impl Driver for PodmanDriver {
             ..HostConfig::default()
         };
         engine
-            .create(&names.job(), keepalive(&image, &labels, "job", job_host))
+            .create(
+                &names.job(),
+                stage_runner(&image, &labels, "job", &self.settings.shell, job_host),
+            )
             .await?;
         engine.start(&names.job()).await?;
 
@@ -221,7 +224,7 @@ impl Driver for PodmanDriver {
             engine
                 .create(
                     &names.job_scoped("helper"),
-                    keepalive(helper, &labels, "helper", helper_host),
+                    stage_runner(helper, &labels, "helper", &self.settings.shell, helper_host),
                 )
                 .await?;
             engine.start(&names.job_scoped("helper")).await?;
@@ -231,8 +234,8 @@ impl Driver for PodmanDriver {
         Ok(())
     }
 
-    /// The script goes to the shell's stdin: the body's own stdin is /dev/null, so the shell
-    /// never reads past the script (§4.3).
+    /// The script goes to the container's dispatcher (see `stages`); its output is streamed
+    /// as it arrives and its exit status comes back with it.
     async fn run(&self, job: &Job, script: &Script) -> Result<i32> {
         let names = job.names();
         let container = if self.settings.helper_image.is_some() && script.sub_stage.is_predefined()
@@ -243,14 +246,7 @@ impl Driver for PodmanDriver {
         };
         let body = script.read().await?;
         let engine = Engine::connect(self.settings.socket.as_deref())?;
-        engine
-            .exec_streaming(
-                &container,
-                vec![self.settings.shell.clone()],
-                &body,
-                job.cancel_token(),
-            )
-            .await
+        stages::run(&engine, &container, &body, job.cancel_token()).await
     }
 
     async fn cleanup(&self, job: &Job) -> Result<()> {
@@ -382,11 +378,12 @@ impl PodmanDriver {
     }
 }
 
-/// A container that stays up for the job's stages.
-fn keepalive(
+/// A container that runs the job's stages, with the dispatcher as PID 1 (see `stages`).
+fn stage_runner(
     image: &str,
     labels: &BTreeMap<String, String>,
     role: &str,
+    shell: &str,
     host: HostConfig,
 ) -> ContainerCreateBody {
     let mut labels: std::collections::HashMap<String, String> =
@@ -394,8 +391,13 @@ fn keepalive(
     labels.insert(LABEL_ROLE.into(), role.into());
     ContainerCreateBody {
         image: Some(image.to_owned()),
-        entrypoint: Some(vec!["sh".into(), "-c".into()]),
-        cmd: Some(vec![KEEPALIVE.into()]),
+        entrypoint: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            stages::LAUNCHER.into(),
+            "drover-launcher".into(),
+        ]),
+        cmd: Some(vec![stages::DISPATCHER.into(), shell.into()]),
         labels: Some(labels),
         host_config: Some(host),
         ..ContainerCreateBody::default()
