@@ -399,7 +399,15 @@ fn stage_runner(
         ]),
         cmd: Some(vec![stages::DISPATCHER.into(), shell.into()]),
         labels: Some(labels),
-        host_config: Some(host),
+        host_config: Some(HostConfig {
+            // The stages' output reaches the job log through the attach; the engine's own
+            // copy in its container log would only halve the throughput.
+            log_config: Some(bollard::models::HostConfigLogConfig {
+                typ: Some("none".into()),
+                config: None,
+            }),
+            ..host
+        }),
         ..ContainerCreateBody::default()
     }
 }

@@ -11,6 +11,8 @@
 //! Only stdout and stderr are attached: podman closes a container's stdin when an attach that
 //! held it goes away, which would end the dispatcher.
 
+use std::borrow::Cow;
+
 use bollard::container::LogOutput;
 use drover_core::{Error, Result, Stream, write_all};
 use futures_util::StreamExt;
@@ -130,28 +132,33 @@ impl Sentinel {
         }
     }
 
-    /// Takes the next bytes of the stream; returns those that belong to the script.
-    fn feed(&mut self, data: &[u8]) -> Vec<u8> {
+    /// Takes the next bytes of the stream; returns those that belong to the script. Without
+    /// held bytes (nearly always) it borrows from `data` and copies nothing.
+    fn feed<'a>(&mut self, data: &'a [u8]) -> Cow<'a, [u8]> {
         if self.status.is_some() {
-            return Vec::new();
+            return Cow::Borrowed(&[]);
         }
         if let Some(tail) = &mut self.tail {
             tail.extend_from_slice(data);
             self.parse_tail();
-            return Vec::new();
+            return Cow::Borrowed(&[]);
         }
-        self.held.extend_from_slice(data);
-        if let Some(at) = find(&self.held, &self.needle) {
-            let out = self.held[..at].to_vec();
-            self.tail = Some(self.held[at + self.needle.len()..].to_vec());
-            self.held.clear();
+        let joined: Cow<'a, [u8]> = if self.held.is_empty() {
+            Cow::Borrowed(data)
+        } else {
+            let mut joined = std::mem::take(&mut self.held);
+            joined.extend_from_slice(data);
+            Cow::Owned(joined)
+        };
+        if let Some(at) = find(&joined, &self.needle) {
+            self.tail = Some(joined[at + self.needle.len()..].to_vec());
             self.parse_tail();
-            return out;
+            return prefix(joined, at);
         }
-        let keep = longest_suffix_prefix(&self.held, &self.needle);
-        let out = self.held[..self.held.len() - keep].to_vec();
-        self.held.drain(..self.held.len() - keep);
-        out
+        let keep = longest_suffix_prefix(&joined, &self.needle);
+        let pass = joined.len() - keep;
+        self.held = joined[pass..].to_vec();
+        prefix(joined, pass)
     }
 
     fn parse_tail(&mut self) {
@@ -164,6 +171,17 @@ impl Sentinel {
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(1),
             );
+        }
+    }
+}
+
+/// The first `len` bytes, borrowed when `bytes` is.
+fn prefix(bytes: Cow<'_, [u8]>, len: usize) -> Cow<'_, [u8]> {
+    match bytes {
+        Cow::Borrowed(bytes) => Cow::Borrowed(&bytes[..len]),
+        Cow::Owned(mut bytes) => {
+            bytes.truncate(len);
+            Cow::Owned(bytes)
         }
     }
 }
@@ -197,7 +215,7 @@ mod tests {
         let mut sentinel = Sentinel::new("drover-00ff");
         let mut out = Vec::new();
         for chunk in chunks {
-            out.extend(sentinel.feed(chunk));
+            out.extend_from_slice(&sentinel.feed(chunk));
         }
         (out, sentinel.status)
     }
@@ -227,8 +245,8 @@ mod tests {
     #[test]
     fn nothing_is_held_forever_without_a_sentinel() {
         let mut sentinel = Sentinel::new("drover-00ff");
-        assert_eq!(sentinel.feed(b"abc\n"), b"abc");
-        assert_eq!(sentinel.feed(b"def"), b"\ndef");
+        assert_eq!(&*sentinel.feed(b"abc\n"), b"abc");
+        assert_eq!(&*sentinel.feed(b"def"), b"\ndef");
         assert_eq!(sentinel.status, None);
     }
 
