@@ -11,8 +11,8 @@
 //! drover-<runner>-p<project>-j<job>-builds     the builds volume, shared by job and helper
 //! ```
 //!
-//! Each run stage is the runner's script fed to the job's shell through the exec API, with
-//! its output streamed as it arrives. The cache is a host directory mounted at `/cache`, so it
+//! Each run stage is the runner's script handed to a dispatcher that is the container's PID 1
+//! (see `stages`), with its output streamed as it arrives. The cache is a host directory mounted at `/cache`, so it
 //! survives the job's containers (contract §8). Section numbers (§) refer to `contract.md`.
 
 use std::collections::BTreeMap;
@@ -176,7 +176,11 @@ impl Driver for PodmanDriver {
         let network =
             services::prepare_network(&engine, job, &image, &self.settings, &job_dir).await?;
 
-        let mut binds = vec![format!("{volume}:{BUILDS_DIR}"), self.cache_bind()?];
+        let mut binds = vec![
+            format!("{volume}:{BUILDS_DIR}"),
+            self.cache_bind()?,
+            self.fifo_bind(job)?,
+        ];
         binds.extend(self.settings.volumes.iter().cloned());
         binds.extend(resources.mounts.iter().map(|m| {
             format!(
@@ -246,7 +250,9 @@ impl Driver for PodmanDriver {
         };
         let body = script.read().await?;
         let engine = Engine::connect(self.settings.socket.as_deref())?;
-        stages::run(&engine, &container, &body, job.cancel_token()).await
+        let fifo_dir = self.job_dir(job).join("io");
+        let fifo_dir = fifo_dir.is_dir().then_some(fifo_dir.as_path());
+        stages::run(&engine, &container, &body, fifo_dir, job.cancel_token()).await
     }
 
     async fn cleanup(&self, job: &Job) -> Result<()> {
@@ -328,6 +334,16 @@ impl Driver for PodmanDriver {
 impl PodmanDriver {
     fn job_dir(&self, job: &Job) -> PathBuf {
         self.settings.state_dir.join("jobs").join(job.names().job())
+    }
+
+    /// The host directory for the stages' output FIFOs (see `stages`): private to root on the
+    /// host, traversable so any user in the container reaches the FIFOs it is given.
+    fn fifo_bind(&self, job: &Job) -> Result<String> {
+        let dir = self.job_dir(job).join("io");
+        std::fs::create_dir_all(&dir).or_system(format_args!("cannot create {}", dir.display()))?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .or_system(format_args!("cannot set the mode of {}", dir.display()))?;
+        Ok(format!("{}:{}", dir.display(), stages::IO_DIR))
     }
 
     fn cache_bind(&self) -> Result<String> {

@@ -10,15 +10,29 @@
 //!
 //! Only stdout and stderr are attached: podman closes a container's stdin when an attach that
 //! held it goes away, which would end the dispatcher.
+//!
+//! When the engine shares this host's file system (podman, or dockerd on the same host), the
+//! output takes a shorter way: the driver makes two FIFOs in a host directory mounted at
+//! `/drover-io`, and the dispatcher points the script's stdout and stderr at them, so bytes go
+//! from the script to the driver without passing through the engine (which otherwise costs a
+//! fifth of the throughput: two copies and a frame each 8 KiB in the API service). The
+//! sentinel still comes through the attach. Where the FIFOs are not there (a remote engine),
+//! the dispatcher writes to its own stdout and stderr and everything comes through the attach.
 
 use std::borrow::Cow;
+use std::path::{Path, PathBuf};
 
 use bollard::container::LogOutput;
 use drover_core::{Error, Result, Stream, write_all};
 use futures_util::StreamExt;
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
+
+/// Where the job's host FIFO directory is mounted in its containers.
+pub const IO_DIR: &str = "/drover-io";
 
 /// Where scripts are queued inside the container (`/tmp` is writable for any user).
 pub const QUEUE: &str = "/tmp/drover-stages";
@@ -37,7 +51,12 @@ while :; do
     [ -e "$ready" ] || continue
     stage=${ready%/ready}
     nonce=${stage##*/}
-    "$1" "$stage/script" </dev/null
+    io=/drover-io/$nonce
+    if [ -p "$io.out" ] && [ -p "$io.err" ]; then
+      "$1" "$stage/script" </dev/null >"$io.out" 2>"$io.err"
+    else
+      "$1" "$stage/script" </dev/null
+    fi
     status=$?
     rm -rf "$stage"
     printf '\n%s %s\n' "$nonce" "$status"
@@ -51,15 +70,22 @@ done"#;
 pub const LAUNCHER: &str = r#"if command -v bash >/dev/null 2>&1; then exec bash -c "$1" drover-dispatcher "$2"; else exec sh -c "$1" drover-dispatcher "$2"; fi"#;
 
 /// Runs `script` with the dispatcher of `container` and returns its exit status, streaming
-/// its output. On cancel every process but PID 1 is stopped, which ends the script; its
-/// sentinel still arrives.
+/// its output. `fifo_dir` is the host side of the container's `/drover-io`, when it has one.
+/// On cancel every process but PID 1 is stopped, which ends the script; its sentinel still
+/// arrives.
 pub async fn run(
     engine: &Engine,
     container: &str,
     script: &[u8],
+    fifo_dir: Option<&Path>,
     cancel: &CancellationToken,
 ) -> Result<i32> {
     let nonce = format!("drover-{:016x}", fastrand::u64(..));
+    let fifos = fifo_dir.map(|dir| Fifos::create(dir, &nonce)).transpose()?;
+    let (mut out_fifo, mut err_fifo) = match &fifos {
+        Some(fifos) => (Some(fifos.open(0)?), Some(fifos.open(1)?)),
+        None => (None, None),
+    };
     // Attach first, so no output is missed.
     let mut output = engine.attach_output(container).await?;
     engine
@@ -68,6 +94,7 @@ pub async fn run(
     let mut stdout = Sentinel::new(&nonce);
     let mut stderr = Sentinel::new(&nonce);
     let mut stopping = false;
+    let (mut out_buf, mut err_buf) = (vec![0u8; FIFO_CHUNK], vec![0u8; FIFO_CHUNK]);
     while stdout.status.is_none() || stderr.status.is_none() {
         tokio::select! {
             frame = output.next() => match frame {
@@ -83,15 +110,96 @@ pub async fn run(
                     "container {container} stopped while running the script; was it removed or out of memory?"
                 ))),
             },
+            read = read_fifo(out_fifo.as_mut(), &mut out_buf) => {
+                let _ = write_all(Stream::Stdout, &out_buf[..read]);
+            }
+            read = read_fifo(err_fifo.as_mut(), &mut err_buf) => {
+                let _ = write_all(Stream::Stderr, &err_buf[..read]);
+            }
             () = cancel.cancelled(), if !stopping => {
                 stopping = true;
                 engine.stop_processes(container).await;
             }
         }
     }
+    // The script has exited: what it wrote is in the FIFOs' buffers already.
+    for (fifo, stream) in [(&out_fifo, Stream::Stdout), (&err_fifo, Stream::Stderr)] {
+        if let Some(fifo) = fifo {
+            drain(fifo, stream, &mut out_buf);
+        }
+    }
+    drop(fifos);
     stdout
         .status
         .ok_or_else(|| Error::system("no exit status from the dispatcher"))
+}
+
+/// Bytes read from a FIFO at a time (a pipe holds 64 KiB).
+const FIFO_CHUNK: usize = 64 * 1024;
+
+/// Waits for bytes in `fifo`; never completes without one. A failed read ends nothing: the
+/// sentinel decides when the stage is over.
+async fn read_fifo(fifo: Option<&mut pipe::Receiver>, buf: &mut [u8]) -> usize {
+    match fifo {
+        Some(fifo) => match fifo.read(buf).await {
+            Ok(read) if read > 0 => read,
+            _ => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// One stage's output FIFOs on the host (stdout, stderr), removed when dropped.
+struct Fifos {
+    paths: [PathBuf; 2],
+}
+
+impl Fifos {
+    fn create(dir: &Path, nonce: &str) -> Result<Fifos> {
+        let fifos = Fifos {
+            paths: [
+                dir.join(format!("{nonce}.out")),
+                dir.join(format!("{nonce}.err")),
+            ],
+        };
+        for path in &fifos.paths {
+            nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(
+                |err| Error::system(format!("cannot make the FIFO {}: {err}", path.display())),
+            )?;
+            // Any user the image runs as must be able to write it; the directory is private.
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+                .map_err(|err| Error::system(format!("{}: {err}", path.display())))?;
+        }
+        Ok(fifos)
+    }
+
+    /// Opens FIFO `index` read-write: opening never waits for the container, and reads never
+    /// see EOF before the script has opened its end.
+    fn open(&self, index: usize) -> Result<pipe::Receiver> {
+        let path = &self.paths[index];
+        pipe::OpenOptions::new()
+            .read_write(true)
+            .open_receiver(path)
+            .map_err(|err| Error::system(format!("cannot open the FIFO {}: {err}", path.display())))
+    }
+}
+
+/// Passes on what is left in `fifo` without waiting for more.
+fn drain(fifo: &pipe::Receiver, stream: Stream, buf: &mut [u8]) {
+    while let Ok(read) = fifo.try_read(buf) {
+        if read == 0 {
+            break;
+        }
+        let _ = write_all(stream, &buf[..read]);
+    }
+}
+
+impl Drop for Fifos {
+    fn drop(&mut self) {
+        for path in &self.paths {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// A tar holding `<nonce>/script` and then `<nonce>/ready`.

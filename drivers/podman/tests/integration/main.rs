@@ -95,6 +95,25 @@ impl Setup {
         )
     }
 
+    /// Calls one stage of the driver as the runner would, for the job in `response`.
+    fn stage(&self, response: &str, args: &[&str]) -> Output {
+        let tmp = self.dir.path().join("custom-executor1");
+        std::fs::create_dir_all(&tmp).expect("tmp");
+        std::fs::write(tmp.join("response.json"), response).expect("response");
+        Command::new(DRIVER)
+            .arg("--config")
+            .arg(self.settings())
+            .args(args)
+            .current_dir(&tmp)
+            .env("BUILD_FAILURE_EXIT_CODE", "1")
+            .env("SYSTEM_FAILURE_EXIT_CODE", "2")
+            .env("JOB_RESPONSE_FILE", tmp.join("response.json"))
+            .env("BUILD_EXIT_CODE_FILE", tmp.join("build_exit_code"))
+            .env("TMPDIR", &tmp)
+            .output()
+            .expect("driver runs")
+    }
+
     fn driver(&self, args: &[&str]) -> Output {
         Command::new(DRIVER)
             .arg("--config")
@@ -281,24 +300,10 @@ fn gc_removes_only_expired_jobs_and_doctor_reports_the_engine() {
             .replace("runner_name", "gc_grace_secs = 0\nrunner_name"),
     )
     .expect("settings");
-    let tmp = setup.dir.path().join("custom-executor1");
-    std::fs::create_dir_all(&tmp).expect("tmp");
-    std::fs::write(
-        tmp.join("response.json"),
+    let prepare = setup.stage(
         r#"{"id": 99001, "token": "t", "job_info": {"project_id": 5}, "runner_info": {"timeout": 1}, "variables": []}"#,
-    )
-    .expect("response");
-    let prepare = Command::new(DRIVER)
-        .arg("--config")
-        .arg(setup.settings())
-        .arg("prepare")
-        .current_dir(&tmp)
-        .env("BUILD_FAILURE_EXIT_CODE", "1")
-        .env("SYSTEM_FAILURE_EXIT_CODE", "2")
-        .env("JOB_RESPONSE_FILE", tmp.join("response.json"))
-        .env("TMPDIR", &tmp)
-        .output()
-        .expect("prepare");
+        &["prepare"],
+    );
     assert!(
         prepare.status.success(),
         "{}",
@@ -370,5 +375,46 @@ fn real_runner_pipeline_with_the_runners_own_helpers_in_the_helper_container() {
     );
     assert!(log.contains("release 1.0 built by job"), "{log}");
     assert!(log.contains("dependencies fetched by job"), "{log}");
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn without_the_host_fifos_output_comes_through_the_attach() {
+    let Some(socket) = engine("without_the_host_fifos_output_comes_through_the_attach") else {
+        return;
+    };
+    // A remote engine cannot see the driver's FIFO directory; removing it after prepare shows
+    // what such a job gets: the same bytes and exit status, through the engine.
+    let setup = Setup::new("attach", &socket, "network_mode = \"none\"", "");
+    let response = r#"{"id": 99002, "token": "t", "job_info": {"project_id": 5}, "runner_info": {"timeout": 600}, "variables": []}"#;
+    let prepare = setup.stage(response, &["prepare"]);
+    assert!(
+        prepare.status.success(),
+        "{}",
+        String::from_utf8_lossy(&prepare.stderr)
+    );
+    let jobs = setup.dir.path().join("state/jobs");
+    for job in std::fs::read_dir(&jobs).expect("job dirs").flatten() {
+        std::fs::remove_dir_all(job.path().join("io")).expect("remove the FIFO dir");
+    }
+    let script = setup.dir.path().join("script");
+    std::fs::write(&script, "printf 'out\\377'; printf 'err' >&2; exit 3\n").expect("script");
+    let run = setup.stage(
+        response,
+        &["run", script.to_str().expect("utf-8"), "build_script"],
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(run.stdout, b"out\xff");
+    assert_eq!(run.stderr, b"err");
+    let code = std::fs::read_to_string(setup.dir.path().join("custom-executor1/build_exit_code"))
+        .expect("exit code file");
+    assert_eq!(code, "3");
+    let cleanup = setup.stage(response, &["cleanup"]);
+    assert!(cleanup.status.success());
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
