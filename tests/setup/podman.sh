@@ -14,14 +14,14 @@
 #   - rootfs tarballs cached in /var/cache/drover/images/, so a rerun after `podman rmi` imports
 #     instead of running debootstrap again.
 #
-# Environment: DROVER_DEBIAN_MIRROR (default http://deb.debian.org/debian, the mirror apt uses here).
+# Environment: DROVER_DEBIAN_MIRROR (default: debootstrap's own default mirror).
 set -euo pipefail
 
 SOCK_PATH=/run/podman/podman.sock
 SOCK_URL=unix://$SOCK_PATH
 SERVICE_LOG=/var/log/drover-podman-service.log
 CACHE=/var/cache/drover/images
-MIRROR=${DROVER_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+MIRROR=${DROVER_DEBIAN_MIRROR:-}
 SUITE=bookworm
 USER_IMAGE=localhost/drover-test/debian:bookworm
 HELPER_IMAGE=localhost/drover-test/helper:bookworm
@@ -187,7 +187,7 @@ build_user_tar() {
     # debootstrap mounts proc/sys in the target; a private mount namespace keeps those mounts off
     # the host if it dies half-way. </dev/null: CI has no stdin.
     unshare --mount --fork debootstrap --variant=minbase --include="$USER_INCLUDE" \
-        "$SUITE" "$root" "$MIRROR" >"$work/debootstrap.log" 2>&1 </dev/null \
+        "$SUITE" "$root" ${MIRROR:+"$MIRROR"} >"$work/debootstrap.log" 2>&1 </dev/null \
         || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap $SUITE failed (log above)"; }
     # The user image must not have git (it stands for "a user image without git or gitlab-runner").
     [ ! -e "$root/usr/bin/git" ] || die "user rootfs unexpectedly contains git"
