@@ -18,6 +18,19 @@ use crate::{Error, Result};
 /// (`4`, `true`, `["a", "b"]`) and otherwise taken as strings.
 pub const ENV_PREFIX: &str = "DROVER_";
 
+/// The top-level keys an override may name. The runner passes its whole environment on (§3.3),
+/// so other `DROVER_*` variables (a test's, a wrapper's) are not settings and are left alone;
+/// below these keys, a misspelt one is still an error.
+const OVERRIDABLE: &[&str] = &[
+    "runner_name",
+    "builds_dir",
+    "cache_dir",
+    "gc_grace_secs",
+    "cancel_grace_secs",
+    "policy",
+    "driver",
+];
+
 /// Settings every driver shares, plus the driver's own `[driver]` table.
 #[derive(Debug, Clone)]
 pub struct Settings<D> {
@@ -127,11 +140,10 @@ fn apply_env_overrides(table: &mut toml::Table, env: &BTreeMap<String, String>) 
         let Some(path) = key.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        // DROVER_CONFIG names the file itself; DROVER_LOG and the like are not settings.
-        if path == "CONFIG" || path.is_empty() {
+        let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+        if !OVERRIDABLE.contains(&parts[0].as_str()) {
             continue;
         }
-        let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
         let (last, tables) = parts.split_last().expect("split yields at least one part");
         let mut current = &mut *table;
         for part in tables {
@@ -196,6 +208,7 @@ mod tests {
                 ("DROVER_DRIVER__HOOK", "[\"sleep\", \"1\"]"),
                 ("DROVER_POLICY__MAX_CPUS", "4"),
                 ("DROVER_CONFIG", "/ignored"),
+                ("DROVER_PODMAN_SOCKET", "/not/a/setting"),
                 ("CUSTOM_ENV_DROVER_RUNNER_NAME", "job-cannot-set-this"),
             ]),
         )
