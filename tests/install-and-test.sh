@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     # setsid (util-linux) and ps (procps) are used by the tests, bash runs the scripts, and
-    # the stand-in gitlab-runner (tests/harness/stand-in) archives with tar and uploads with curl.
+    # the stand-in gitlab-runner (tests/harness/stand-in) archives with tar and uploads with curl;
+    # git serves and fetches the repositories of run-job --repo.
     need=()
-    for pkg in bash coreutils util-linux procps curl tar; do
+    for pkg in bash coreutils util-linux procps curl tar git; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
     done
     if [ "${#need[@]}" -gt 0 ]; then

@@ -120,6 +120,9 @@ impl Default for JobState {
 
 #[derive(Default)]
 struct Inner {
+    /// Bare repositories served over git's "dumb" HTTP protocol, by URL path
+    /// (`/group/project.git`).
+    repositories: HashMap<String, PathBuf>,
     queue: VecDeque<JobResponse>,
     jobs: HashMap<u64, JobState>,
     requests: Vec<RequestRecord>,
@@ -211,6 +214,15 @@ impl Coordinator {
     /// The runner token `POST jobs/request` accepts ([`RUNNER_TOKEN`]).
     pub fn runner_token(&self) -> &str {
         &self.shared.runner_token
+    }
+
+    /// Serves the bare repository `dir` (prepared with `git update-server-info`) at
+    /// `<url>/<project_path>.git`, so get_sources can clone it like a GitLab project: the
+    /// runner's `git fetch` speaks git's "dumb" HTTP protocol, plain GETs of the repository's
+    /// files.
+    pub fn serve_repository(&self, project_path: &str, dir: PathBuf) {
+        let key = format!("/{}.git", project_path.trim_matches('/'));
+        self.shared.lock().repositories.insert(key, dir);
     }
 
     /// Queues a job: the next `POST jobs/request` with the runner token answers `201` with
@@ -340,7 +352,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v4/runners/verify", post(verify_runner))
         // An endpoint or method we do not serve is a 404, never axum's 405, so a test can
         // look for one status in `requests()` to spot something the runner needed.
-        .fallback(not_found)
+        .fallback(repository_file)
         .method_not_allowed_fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(shared.clone(), record))
@@ -384,6 +396,36 @@ fn json_response(status: StatusCode, body: &Value) -> Response {
 
 async fn not_found() -> Response {
     status_response(StatusCode::NOT_FOUND)
+}
+
+/// A file of a served repository (`GET /group/project.git/info/refs`, `.../objects/..`), or
+/// 404. Paths with `..` or other non-normal parts are refused.
+async fn repository_file(
+    State(shared): State<Arc<Shared>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> Response {
+    if method != axum::http::Method::GET {
+        return not_found().await;
+    }
+    let path = uri.path();
+    let file = {
+        let inner = shared.lock();
+        inner.repositories.iter().find_map(|(prefix, dir)| {
+            let rest = path.strip_prefix(prefix.as_str())?.strip_prefix('/')?;
+            let rest = Path::new(rest);
+            rest.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+                .then(|| dir.join(rest))
+        })
+    };
+    match file {
+        Some(file) => match tokio::fs::read(&file).await {
+            Ok(bytes) => (StatusCode::OK, bytes).into_response(),
+            Err(_) => not_found().await,
+        },
+        None => not_found().await,
+    }
 }
 
 /// The first token present in `headers` (in the order given), else the JSON body's `token`.

@@ -940,6 +940,7 @@ impl<'a> Emulator<'a> {
             ),
             hostname: self.attempt.hostname.clone(),
             git_strategy,
+            git: self.job.git_info.clone(),
             steps: self.job.steps.clone(),
             cache: serde_json::from_value::<Vec<CacheEntry>>(list("cache")).unwrap_or_default(),
             artifacts: serde_json::from_value::<Vec<ArtifactEntry>>(list("artifacts"))

@@ -7,6 +7,7 @@
 //!   (§1–§6): temp dir, environment, process groups, exit-code mapping, retries, timeouts and
 //!   cancellation;
 //! * [`conformance`] is the suite of checks every drover driver must pass;
+//! * [`repository`] serves a local git repository as the project's, and makes test ones;
 //! * [`coordinator`] is a fake GitLab coordinator for running the real `gitlab-runner
 //!   run-single` against a driver (§9.3).
 //!
@@ -20,6 +21,7 @@ pub mod payload;
 pub mod pipeline;
 mod process;
 pub mod real;
+pub mod repository;
 pub mod script;
 
 pub use coordinator::{Coordinator, FinalUpdate, RequestRecord};

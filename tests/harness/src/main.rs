@@ -12,8 +12,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use drover_harness::conformance::{SuiteOptions, run_suite};
 use drover_harness::coordinator::Coordinator;
 use drover_harness::job::JobFile;
+use drover_harness::payload::PayloadOptions;
 use drover_harness::pipeline::{PipelineOutcome, RunnerMode, run_pipeline};
 use drover_harness::real::{GITLAB_RUNNER_BIN, RealRunner, find_gitlab_runner, helper_dir};
+use drover_harness::repository::serve_checkout;
 use drover_harness::{CancelHandle, Driver, Hooks, JobResult, RunnerOptions};
 
 #[derive(Parser)]
@@ -102,6 +104,10 @@ enum Command {
         /// Which runner to use.
         #[arg(long, value_enum, default_value = "auto")]
         runner: RunnerKind,
+        /// A git repository (a work tree) on this host whose current commit the jobs check
+        /// out, as from GitLab; without one, jobs run with GIT_STRATEGY=none.
+        #[arg(long, value_name = "DIR")]
+        repo: Option<PathBuf>,
         /// The GitLab Runner binary (default: $GITLAB_RUNNER_BIN, then `gitlab-runner` on
         /// PATH). It runs the jobs with `--runner real`, and in both modes it is put on the
         /// job environment's PATH as `gitlab-runner`, for cache and artifacts.
@@ -154,6 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             cache_dir,
             runner,
             gitlab_runner,
+            repo,
         } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
@@ -201,6 +208,18 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 }
             };
             let coordinator = Coordinator::start(work_dir.path().join("artifacts")).await?;
+            let source = match &repo {
+                Some(repo) => Some(
+                    serve_checkout(
+                        repo,
+                        work_dir.path(),
+                        &coordinator,
+                        &PayloadOptions::fresh().project_path(),
+                    )
+                    .map_err(anyhow::Error::msg)?,
+                ),
+                None => None,
+            };
             let cancel = CancelHandle::new();
             // Ctrl-C once is a graceful cancel, twice an abort (§6.2).
             tokio::spawn({
@@ -225,6 +244,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 &driver.driver(),
                 &mode,
                 &coordinator,
+                source.as_ref(),
                 &hooks,
                 &cancel,
             )

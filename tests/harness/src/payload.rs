@@ -45,6 +45,18 @@ pub struct PayloadOptions {
     pub runner_id: u64,
     /// Finished jobs of the pipeline this job depends on.
     pub dependencies: Vec<PayloadDependency>,
+    /// The commit to check out, when the coordinator serves the project's repository; without
+    /// one the job gets `GIT_STRATEGY=none`.
+    pub source: Option<Source>,
+}
+
+/// A commit of the repository the coordinator serves at the job's `repo_url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The full commit id.
+    pub sha: String,
+    /// The branch it is on.
+    pub git_ref: String,
 }
 
 /// One element of the payload's `dependencies`: an earlier job whose artifacts this job may
@@ -98,6 +110,7 @@ impl PayloadOptions {
             server_url: "http://127.0.0.1".into(),
             runner_id: 1,
             dependencies: Vec::new(),
+            source: None,
         }
     }
 
@@ -151,7 +164,10 @@ pub fn job_payload(
         .timeout
         .map(|t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(DEFAULT_JOB_TIMEOUT_SECS);
-    let sha = "0123456789abcdef0123456789abcdef01234567";
+    let (sha, git_ref) = match &options.source {
+        Some(source) => (source.sha.as_str(), source.git_ref.as_str()),
+        None => ("0123456789abcdef0123456789abcdef01234567", "main"),
+    };
     let project_path = options.project_path();
     let mut variables = vec![
         variable("CI_JOB_ID", options.job_id.to_string()),
@@ -169,13 +185,18 @@ pub fn job_payload(
         variable("CI_PROJECT_PATH_SLUG", slug(&project_path)),
         variable("CI_PIPELINE_ID", options.pipeline_id.to_string()),
         variable("CI_COMMIT_SHA", sha),
-        variable("CI_COMMIT_REF_NAME", "main"),
+        variable("CI_COMMIT_REF_NAME", git_ref),
         variable("CI_SERVER_URL", &options.server_url),
         variable("CI_RUNNER_ID", options.runner_id.to_string()),
     ];
     // §9.4: without a repository to clone, GIT_STRATEGY=none unless the job asks otherwise
-    // (the job's own value comes later and wins).
-    variables.push(variable("GIT_STRATEGY", "none"));
+    // (the job's own value comes later and wins); with one, GitLab's default, fetch.
+    let strategy = if options.source.is_some() {
+        "fetch"
+    } else {
+        "none"
+    };
+    variables.push(variable("GIT_STRATEGY", strategy));
     variables.extend(
         globals
             .iter()
@@ -249,11 +270,16 @@ pub fn job_payload(
                 options.server_url.trim_end_matches('/'),
                 project_path
             ),
-            git_ref: "main".into(),
+            git_ref: git_ref.into(),
             sha: sha.into(),
             before_sha: "0".repeat(40),
             ref_type: "branch".into(),
-            refspecs: Vec::new(),
+            // What GitLab sends for a branch pipeline: every branch, so the commit is fetched.
+            refspecs: if options.source.is_some() {
+                vec!["+refs/heads/*:refs/remotes/origin/*".into()]
+            } else {
+                Vec::new()
+            },
             depth: 0,
         },
         runner_info: RunnerInfo { timeout },

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use crate::coordinator::Coordinator;
 use crate::job::{Job, JobFile};
-use crate::payload::{ArtifactsFile, PayloadDependency, PayloadOptions, job_payload, next_job_id};
+use crate::payload::{
+    ArtifactsFile, PayloadDependency, PayloadOptions, Source, job_payload, next_job_id,
+};
 use crate::real::{self, RealRunner};
 use crate::{CancelHandle, Driver, Hooks, JobReport, JobResult, RunnerOptions, run_job};
 
@@ -56,12 +58,14 @@ impl PipelineJob {
 /// an earlier stage; those of them that uploaded artifacts are in its payload, so the runner's
 /// `download_artifacts` fetches them from the coordinator. Once a job fails, jobs of later
 /// stages are skipped, as GitLab does; a cancel skips everything after the current job.
+#[allow(clippy::too_many_arguments)] // each is one thing the caller chose; a struct would only rename them
 pub async fn run_pipeline(
     file: &JobFile,
     jobs: &[&Job],
     driver: &Driver,
     mode: &RunnerMode,
     coordinator: &Coordinator,
+    source: Option<&Source>,
     hooks: &Hooks,
     cancel: &CancelHandle,
 ) -> Vec<PipelineJob> {
@@ -89,6 +93,7 @@ pub async fn run_pipeline(
             pipeline_id,
             server_url: coordinator.url(),
             dependencies: dependencies_of(job, jobs, &finished),
+            source: source.cloned(),
             ..PayloadOptions::fresh()
         };
         let payload = job_payload(job, &file.variables, &options);

@@ -5,7 +5,7 @@
 //! stage body as one quoted string `eval`ed in a subshell with stdin from `/dev/null`, then
 //! `exit 0`. The bodies follow `shells/abstract.go`.
 
-use drover_protocol::{JobStep, JobVariable, SubStage};
+use drover_protocol::{GitInfo, JobStep, JobVariable, SubStage};
 use serde::Deserialize;
 
 const ANSI_BOLD_GREEN: &str = "\x1b[32;1m";
@@ -71,6 +71,8 @@ pub struct ScriptInfo {
     pub hostname: Option<String>,
     /// `GIT_STRATEGY`.
     pub git_strategy: String,
+    /// `git_info` of the payload: where and what to fetch.
+    pub git: GitInfo,
     /// The payload's steps.
     pub steps: Vec<JobStep>,
     /// The payload's cache entries.
@@ -311,17 +313,59 @@ fn get_sources(info: &ScriptInfo, w: &mut Writer) {
     exports(info, w, false);
     w.line("export GIT_TERMINAL_PROMPT=0");
     w.line("export GCM_INTERACTIVE=Never");
-    if info.git_strategy == "empty" {
-        w.notice("Skipping Git repository setup and creating an empty build directory");
-        w.command(&["rm", "-r", "-f", &info.project_dir]);
-    } else {
-        if info.git_strategy != "none" {
-            w.warning(&format!(
-                "The drover emulated runner does not clone (GIT_STRATEGY={}); treating it as none",
-                info.git_strategy
-            ));
+    let fetch = matches!(info.git_strategy.as_str(), "fetch" | "clone") && !info.git.sha.is_empty();
+    match info.git_strategy.as_str() {
+        "empty" => {
+            w.notice("Skipping Git repository setup and creating an empty build directory");
+            w.command(&["rm", "-r", "-f", &info.project_dir]);
         }
-        w.notice("Skipping Git repository setup");
+        _ if fetch => {
+            // The runner's `writeRefspecFetchCmd`, reduced: no credential helper, template
+            // dir or LFS (§4.1); `clone` starts from an empty directory.
+            w.notice("Fetching changes...");
+            if info.git_strategy == "clone" {
+                w.command(&["rm", "-r", "-f", &info.project_dir]);
+            }
+            w.command(&["git", "init", &info.project_dir]);
+            cd_project(info, w);
+            w.if_cmd(
+                &["git", "remote", "add", "origin", &info.git.repo_url],
+                true,
+            );
+            w.notice("Created fresh repository.");
+            w.else_();
+            w.command(&["git", "remote", "set-url", "origin", &info.git.repo_url]);
+            w.end_if();
+            let mut fetch_args = vec!["git", "fetch", "origin", "--no-recurse-submodules"];
+            fetch_args.extend(info.git.refspecs.iter().map(String::as_str));
+            fetch_args.extend(["--prune", "--quiet"]);
+            w.command(&fetch_args);
+            let short = &info.git.sha[..info.git.sha.len().min(8)];
+            w.notice(&format!(
+                "Checking out {short} as detached HEAD (ref is {})...",
+                info.git.git_ref
+            ));
+            w.command(&[
+                "git",
+                "-c",
+                "submodule.recurse=false",
+                "checkout",
+                "-f",
+                "-q",
+                &info.git.sha,
+            ]);
+            w.command(&["git", "clean", "-ffdx"]);
+            w.notice("Skipping Git submodules setup");
+            return;
+        }
+        other => {
+            if other != "none" {
+                w.warning(&format!(
+                    "The job has no repository to fetch (GIT_STRATEGY={other}); treating it as none"
+                ));
+            }
+            w.notice("Skipping Git repository setup");
+        }
     }
     w.command(&["mkdir", "-p", &info.project_dir]);
     // Without a repository there is no checkout and no submodule update, and the runner says

@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use drover_harness::repository::commit_files;
+
 const DRIVER: &str = env!("CARGO_BIN_EXE_drover-podman");
 const USER_IMAGE: &str = "localhost/drover-test/debian:bookworm";
 const HELPER_IMAGE: &str = "localhost/drover-test/helper:bookworm";
@@ -416,5 +418,30 @@ fn without_the_host_fifos_output_comes_through_the_attach() {
     assert_eq!(code, "3");
     let cleanup = setup.stage(response, &["cleanup"]);
     assert!(cleanup.status.success());
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn sources_come_through_the_helper_into_a_user_image_without_git() {
+    let Some(socket) = engine("sources_come_through_the_helper_into_a_user_image_without_git")
+    else {
+        return;
+    };
+    // A repository on this host that drover's fake GitLab serves as the project's; host
+    // networking lets the helper's git fetch reach it on 127.0.0.1.
+    let setup = Setup::new(
+        "sources",
+        &socket,
+        &format!("network_mode = \"host\"\nhelper_image = \"{HELPER_IMAGE}\""),
+        "",
+    );
+    let repo = setup.dir.path().join("repo");
+    commit_files(&repo, &[("hello.txt", "from the repository\n")]).expect("test repository");
+    let yaml = "show:\n  script:\n    - cat hello.txt\n    - if command -v git; then exit 9; fi\n";
+    let repo_arg = repo.to_string_lossy().into_owned();
+    let (ok, log) = setup.run_job(yaml, &["--runner", "emulated", "--repo", &repo_arg]);
+    assert!(ok, "{log}");
+    assert!(log.contains("Checking out"), "{log}");
+    assert!(log.contains("from the repository"), "{log}");
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }

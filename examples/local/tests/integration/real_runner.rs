@@ -10,6 +10,7 @@ use drover_harness::coordinator::Coordinator;
 use drover_harness::job::JobFile;
 use drover_harness::pipeline::{PipelineJob, PipelineOutcome, RunnerMode, run_pipeline};
 use drover_harness::real::{RealRunner, find_gitlab_runner, helper_dir};
+use drover_harness::repository::commit_files;
 use drover_harness::{CancelHandle, Driver, Hooks, JobResult, RunnerOptions};
 
 use crate::util::{DRIVER, Settings};
@@ -72,6 +73,7 @@ impl Real {
                 &self.driver(),
                 mode,
                 &self.coordinator,
+                None,
                 hooks,
                 cancel,
             ),
@@ -248,5 +250,39 @@ async fn emulated_and_real_runners_give_the_same_results() {
                 .await,
         );
         assert_eq!(by_real, by_emulation, "{yaml}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn both_runners_fetch_the_repository_given_with_repo() {
+    let Some(real) = real_runner("both_runners_fetch_the_repository_given_with_repo").await else {
+        return;
+    };
+    let repo = real.settings.dir.path().join("repo");
+    commit_files(&repo, &[("hello.txt", "from the repository\n")]).expect("test repository");
+    let job = real.settings.dir.path().join("show.yml");
+    std::fs::write(&job, "show:\n  script: [cat hello.txt]\n").expect("job file");
+    for runner in ["real", "emulated"] {
+        let output = std::process::Command::new(crate::util::drover())
+            .arg("run-job")
+            .arg(&job)
+            .args(["--driver", DRIVER, "--runner", runner, "--repo"])
+            .arg(&repo)
+            .arg("--gitlab-runner")
+            .arg(&real.runner.binary)
+            .args(["--driver-arg", "--config", "--driver-arg"])
+            .arg(real.settings.path())
+            .output()
+            .expect("drover runs");
+        let log = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{runner}: {log}");
+        for expected in [
+            "Fetching changes...",
+            "Initialized empty Git repository",
+            "Checking out",
+            "from the repository",
+        ] {
+            assert!(log.contains(expected), "{runner}: {expected}: {log}");
+        }
     }
 }
