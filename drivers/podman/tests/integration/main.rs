@@ -73,9 +73,22 @@ impl Setup {
     fn run_job(&self, yaml: &str, runner: &[&str]) -> (bool, String) {
         let job = self.dir.path().join("job.yml");
         std::fs::write(&job, yaml).expect("job file");
-        let output = Command::new(drover())
+        let output = self
+            .run_job_command(&job, runner)
+            .output()
+            .expect("drover runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    }
+
+    /// `drover run-job JOB` with this driver and settings.
+    fn run_job_command(&self, job: &Path, runner: &[&str]) -> Command {
+        let mut command = Command::new(drover());
+        command
             .arg("run-job")
-            .arg(&job)
+            .arg(job)
             .args([
                 "--driver",
                 DRIVER,
@@ -88,13 +101,8 @@ impl Setup {
                 &["--runner", "emulated"][..]
             } else {
                 runner
-            })
-            .output()
-            .expect("drover runs");
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-        )
+            });
+        command
     }
 
     /// Calls one stage of the driver as the runner would, for the job in `response`.
@@ -456,18 +464,8 @@ fn run_and_interrupt(setup: &Setup, runner: &[&str]) -> String {
         "long:\n  script:\n    - for i in $(seq 1 600); do echo tick $i; sleep 0.5; done\n  after_script:\n    - echo after_script ran\n",
     )
     .expect("job file");
-    let mut child = Command::new(drover())
-        .arg("run-job")
-        .arg(&job)
-        .args([
-            "--driver",
-            DRIVER,
-            "--driver-arg",
-            "--config",
-            "--driver-arg",
-        ])
-        .arg(setup.settings())
-        .args(runner)
+    let mut child = setup
+        .run_job_command(&job, runner)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("drover runs");
