@@ -75,7 +75,8 @@ for pkg in podman runc debootstrap curl tar; do
 done
 if [ "${#need[@]}" -gt 0 ]; then
     apt-get -o DPkg::Lock::Timeout=300 update -qq
-    apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" </dev/null
+    # With recommends, as backends.md installed and tested it (netavark, catatonit, uidmap...).
+    apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${need[@]}" </dev/null
     say "installed ${need[*]}"
 else
     say "packages present (podman runc debootstrap curl tar)"
