@@ -29,6 +29,15 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "note: tests/setup/podman.sh failed (see above): podman tests will skip"
     fi
 fi
+# The LXD driver's tests need the LXD daemon and an imported test image: tests/setup/lxd.sh,
+# the same way (quick on a rerun; fatal in CI, a skip elsewhere).
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    if ! bash tests/setup/lxd.sh </dev/null; then
+        [ "${CI:-}" = true ] && { echo "tests/setup/lxd.sh failed" >&2; exit 1; }
+        echo "note: tests/setup/lxd.sh failed (see above): LXD tests will skip"
+    fi
+fi
+
 if [ -n "${DROVER_PODMAN_SOCKET:-}" ]; then
     :   # the caller chose a socket; keep it
 elif curl -sf --max-time 2 --unix-socket "$podman_sock" http://d/_ping >/dev/null 2>&1; then

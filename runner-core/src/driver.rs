@@ -73,6 +73,25 @@ pub fn base_config<D: Driver>() -> ConfigOutput {
     }
 }
 
+/// The config of a driver that gives every job a fresh environment of its own (a container, an
+/// instance, a VM): fixed builds and cache dirs inside it, a builds dir never shared between
+/// jobs (§2, §10 item 6), and the environment's name as the hostname in the job log.
+pub fn fresh_environment_config<D: Driver>(
+    job: &Job,
+    builds_dir: &str,
+    cache_dir: &str,
+    shell: &str,
+) -> ConfigOutput {
+    ConfigOutput {
+        builds_dir: Some(builds_dir.to_owned()),
+        cache_dir: Some(cache_dir.to_owned()),
+        builds_dir_is_shared: Some(false),
+        hostname: Some(job.names().job()),
+        shell: Some(shell.to_owned()),
+        ..base_config::<D>()
+    }
+}
+
 /// The script of one run sub-stage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Script {

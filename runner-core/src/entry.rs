@@ -22,6 +22,12 @@ use crate::{Error, Job, Result, signals};
 /// constant for a system failure (§1.1).
 const SYSTEM_FAILURE: u8 = 2;
 
+/// How long a cancelled config or prepare may take to wind down. Its outcome is a system
+/// failure whatever it does (§6.3), and the runner always calls cleanup next (§5.1), so there
+/// is nothing to wait for: a backend call that takes seconds (creating a VM or an instance)
+/// must not hold the runner.
+const SETUP_CANCEL_GRACE: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Parser)]
 #[command(disable_help_subcommand = true)]
 struct Cli {
@@ -193,22 +199,26 @@ async fn run_stage<D: Driver>(driver: &D, job: &Job, stage: Stage, grace: Durati
     let control = &job.env().control;
     let cancel = job.cancel_token();
     match stage {
-        Stage::Config => match until_cancelled(driver.config(job), cancel, grace).await {
-            Ok(output) if !cancel.is_cancelled() => {
-                match write_all(Stream::Stdout, output.to_json().as_bytes()) {
-                    Ok(()) => Outcome::Success,
-                    Err(err) => failed::<D>(
-                        &Error::system(format!("cannot write config: {err}")),
-                        control,
-                    ),
+        Stage::Config => {
+            match until_cancelled(driver.config(job), cancel, SETUP_CANCEL_GRACE).await {
+                Ok(output) if !cancel.is_cancelled() => {
+                    match write_all(Stream::Stdout, output.to_json().as_bytes()) {
+                        Ok(()) => Outcome::Success,
+                        Err(err) => failed::<D>(
+                            &Error::system(format!("cannot write config: {err}")),
+                            control,
+                        ),
+                    }
                 }
+                result => setup_failed::<D>(result.err(), cancel.is_cancelled(), control),
             }
-            result => setup_failed::<D>(result.err(), cancel.is_cancelled(), control),
-        },
-        Stage::Prepare => match until_cancelled(driver.prepare(job), cancel, grace).await {
-            Ok(()) if !cancel.is_cancelled() => Outcome::Success,
-            result => setup_failed::<D>(result.err(), cancel.is_cancelled(), control),
-        },
+        }
+        Stage::Prepare => {
+            match until_cancelled(driver.prepare(job), cancel, SETUP_CANCEL_GRACE).await {
+                Ok(()) if !cancel.is_cancelled() => Outcome::Success,
+                result => setup_failed::<D>(result.err(), cancel.is_cancelled(), control),
+            }
+        }
         Stage::Run { script, sub_stage } => {
             // A code left by an earlier stage must not be read as this one's (§4.5).
             if let Err(err) = reset_build_exit_code(control) {
@@ -253,7 +263,7 @@ async fn until_cancelled<T>(
     match tokio::time::timeout(grace, stage).await {
         Ok(result) => result,
         Err(_) => Err(Error::system(format!(
-            "cancelled, and the stage did not stop within {} s (cancel_grace_secs)",
+            "cancelled, and the stage did not stop within {} s",
             grace.as_secs()
         ))),
     }

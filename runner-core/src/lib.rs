@@ -38,7 +38,9 @@ mod retry;
 pub mod settings;
 mod signals;
 
-pub use driver::{Check, Driver, GcReport, GcRequest, Script, base_config};
+pub use driver::{
+    Check, Driver, GcReport, GcRequest, Script, base_config, fresh_environment_config,
+};
 pub use entry::run;
 pub use error::{Error, ErrorClass, Result, ResultExt};
 pub use job::Job;

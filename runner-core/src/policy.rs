@@ -73,6 +73,16 @@ pub struct Resources {
     pub mounts: Vec<Mount>,
 }
 
+impl Resources {
+    /// The image, or the one-line error a container or VM driver gives when neither the job
+    /// nor the operator named one.
+    pub fn required_image(&self) -> Result<String> {
+        self.image.clone().ok_or_else(|| {
+            Error::system("the job names no image and the operator set no policy.default_image")
+        })
+    }
+}
+
 impl Policy {
     pub(crate) fn validate(&self) -> Result<()> {
         for (name, value) in [("memory", &self.memory), ("max_memory", &self.max_memory)] {

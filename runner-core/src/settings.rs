@@ -77,6 +77,12 @@ pub struct CommonSettings {
     driver: toml::Table,
 }
 
+/// The shell a driver runs the runner's scripts with unless configured: `bash`, the runner's
+/// default on Unix (§7). For `#[serde(default = "drover_core::settings::default_shell")]`.
+pub fn default_shell() -> String {
+    "bash".into()
+}
+
 fn default_runner_name() -> String {
     "default".into()
 }

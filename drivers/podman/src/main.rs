@@ -24,7 +24,7 @@ use drover_core::naming::{LABEL_JOB, LABEL_RUNNER, is_expired};
 use drover_core::protocol::ConfigOutput;
 use drover_core::{
     Backoff, Check, Driver, Error, GcReport, GcRequest, Job, Result, ResultExt, Script, Settings,
-    base_config, progress, retry,
+    fresh_environment_config, progress, retry,
 };
 use serde::Deserialize;
 
@@ -75,7 +75,7 @@ struct PodmanSettings {
     #[serde(default)]
     network_mode: Option<String>,
     /// The interpreter of the runner's scripts (must match the runner's `shell`, §7).
-    #[serde(default = "default_shell")]
+    #[serde(default = "drover_core::settings::default_shell")]
     shell: String,
     /// Extra bind mounts for every job, `host:container[:ro]`.
     #[serde(default)]
@@ -94,10 +94,6 @@ fn default_pull_policy() -> PullPolicy {
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/drover-podman")
-}
-
-fn default_shell() -> String {
-    "bash".into()
 }
 
 fn default_service_wait() -> u64 {
@@ -124,23 +120,19 @@ impl Driver for PodmanDriver {
     /// Every job gets fresh containers and a volume of its own, so the builds dir is never
     /// shared (§2, §10 item 6).
     async fn config(&self, job: &Job) -> Result<ConfigOutput> {
-        Ok(ConfigOutput {
-            builds_dir: Some(BUILDS_DIR.into()),
-            cache_dir: Some(CACHE_DIR.into()),
-            builds_dir_is_shared: Some(false),
-            hostname: Some(job.names().job()),
-            shell: Some(self.settings.shell.clone()),
-            ..base_config::<Self>()
-        })
+        Ok(fresh_environment_config::<Self>(
+            job,
+            BUILDS_DIR,
+            CACHE_DIR,
+            &self.settings.shell,
+        ))
     }
 
     async fn prepare(&self, job: &Job) -> Result<()> {
         let started = Instant::now();
         // Policy first: a refused image must fail before anything is created.
         let resources = job.resources()?;
-        let image = resources.image.clone().ok_or_else(|| {
-            Error::system("the job names no image and the operator set no policy.default_image")
-        })?;
+        let image = resources.required_image()?;
         let engine = Engine::connect(self.settings.socket.as_deref())?;
         engine.ping().await?;
         progress!("Using the container engine at {}", engine.endpoint);

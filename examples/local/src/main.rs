@@ -47,12 +47,8 @@ struct LocalSettings {
     prepare_hook: Vec<String>,
     /// The interpreter for the runner's scripts. It must match the runner's shell (§4.3, §7):
     /// `bash` by default.
-    #[serde(default = "default_shell")]
+    #[serde(default = "drover_core::settings::default_shell")]
     shell: String,
-}
-
-fn default_shell() -> String {
-    "bash".into()
 }
 
 /// The driver: only what it needs from the settings.

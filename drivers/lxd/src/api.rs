@@ -1,0 +1,365 @@
+//! LXD's (and Incus's) REST API over the local unix socket: JSON requests through reqwest,
+//! background operations waited for, and exec output through the operation's websockets.
+//! Errors name the socket or the call and say what to fix; daemon errors (5xx) are transient.
+
+use std::path::{Path, PathBuf};
+
+use drover_core::{Error, Result, Stream, write_all};
+use futures_util::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+/// Sockets tried, in order, when the operator names none: Debian's LXD, the snap's, Incus's.
+pub const DEFAULT_SOCKETS: &[&str] = &[
+    "/var/lib/lxd/unix.socket",
+    "/var/snap/lxd/common/lxd/unix.socket",
+    "/var/lib/incus/unix.socket",
+];
+
+/// Seconds a background operation (create, start, stop, delete) may take.
+const OPERATION_TIMEOUT_SECS: u64 = 120;
+
+/// A client of one LXD daemon.
+pub struct Lxd {
+    http: reqwest::Client,
+    socket: PathBuf,
+    /// The socket, for messages.
+    pub endpoint: String,
+}
+
+impl Lxd {
+    /// A client for `socket`, or the first default socket that exists.
+    pub fn connect(socket: Option<&Path>) -> Result<Lxd> {
+        let socket = match socket {
+            Some(path) => path.to_owned(),
+            None => DEFAULT_SOCKETS
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists())
+                .ok_or_else(|| {
+                    Error::system(format!(
+                        "no LXD or Incus socket found (tried {}); start the daemon or set [driver] socket",
+                        DEFAULT_SOCKETS.join(", ")
+                    ))
+                })?,
+        };
+        let endpoint = socket.display().to_string();
+        if !socket.exists() {
+            return Err(Error::system(format!(
+                "the LXD socket {endpoint} does not exist; start lxd (or incus) or fix [driver] socket"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .unix_socket(socket.clone())
+            .build()
+            .map_err(|err| Error::system(format!("LXD client for {endpoint}: {err}")))?;
+        Ok(Lxd {
+            http,
+            socket,
+            endpoint,
+        })
+    }
+
+    /// One API call; returns the response's `metadata`, or for a background operation the
+    /// operation's path in `operation`.
+    async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        let mut request = self
+            .http
+            .request(method.clone(), format!("http://lxd{path}"));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|err| self.unreachable(&err))?;
+        let status = response.status();
+        let value: Value = response.json().await.map_err(|err| {
+            Error::system(format!("LXD {method} {path}: unreadable answer: {err}"))
+        })?;
+        if value["type"] == "error" || !status.is_success() {
+            let message = value["error"].as_str().unwrap_or("unknown error");
+            let code = value["error_code"]
+                .as_u64()
+                .unwrap_or(u64::from(status.as_u16()));
+            let err = format!("LXD {method} {path}: {message} ({code})");
+            return Err(if code >= 500 {
+                Error::transient(err)
+            } else {
+                Error::system(err)
+            });
+        }
+        Ok(value)
+    }
+
+    fn unreachable(&self, err: &reqwest::Error) -> Error {
+        Error::system(format!(
+            "cannot reach LXD at {}: {err}; is the daemon running (`lxd --group root` or the service)?",
+            self.endpoint
+        ))
+    }
+
+    /// Waits for a background operation and returns its metadata; fails with its error.
+    async fn wait(&self, answer: &Value) -> Result<Value> {
+        let Some(operation) = answer["operation"].as_str() else {
+            return Ok(answer["metadata"].clone());
+        };
+        let done = self
+            .call(
+                Method::GET,
+                &format!("{operation}/wait?timeout={OPERATION_TIMEOUT_SECS}"),
+                None,
+            )
+            .await?;
+        let metadata = done["metadata"].clone();
+        if metadata["status_code"].as_u64() != Some(200) {
+            return Err(Error::system(format!(
+                "LXD operation {}: {}",
+                metadata["description"].as_str().unwrap_or(operation),
+                metadata["err"].as_str().unwrap_or("failed")
+            )));
+        }
+        Ok(metadata)
+    }
+
+    /// Checks the daemon answers; returns its name and version, e.g. `lxd 5.0.2`.
+    pub async fn describe(&self) -> Result<String> {
+        let info = self.call(Method::GET, "/1.0", None).await?;
+        let environment = &info["metadata"]["environment"];
+        Ok(format!(
+            "{} {}",
+            environment["server"].as_str().unwrap_or("lxd"),
+            environment["server_version"].as_str().unwrap_or("")
+        ))
+    }
+
+    /// Whether an image alias or fingerprint exists.
+    pub async fn image_exists(&self, image: &str) -> Result<bool> {
+        let alias = self
+            .call(Method::GET, &format!("/1.0/images/aliases/{image}"), None)
+            .await;
+        if alias.is_ok() {
+            return Ok(true);
+        }
+        match self
+            .call(Method::GET, &format!("/1.0/images/{image}"), None)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(err) if err.to_string().contains("(404)") => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Creates an instance (not started) from `body` (`POST /1.0/instances`).
+    pub async fn create(&self, body: &Value) -> Result<()> {
+        let answer = self
+            .call(Method::POST, "/1.0/instances", Some(body))
+            .await?;
+        self.wait(&answer).await.map(|_| ())
+    }
+
+    /// Starts or stops an instance.
+    pub async fn set_state(&self, name: &str, action: &str) -> Result<()> {
+        let body = json!({"action": action, "timeout": 30, "force": true});
+        let answer = self
+            .call(
+                Method::PUT,
+                &format!("/1.0/instances/{name}/state"),
+                Some(&body),
+            )
+            .await?;
+        self.wait(&answer).await.map(|_| ())
+    }
+
+    /// Stops and deletes an instance; one that is already gone is fine (cleanup runs more
+    /// than once, §6.3). An instance still being created by an attempt that was cancelled
+    /// (LXD finishes the create on its own) is waited for, bounded.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let deadline =
+            tokio::time::Instant::now() + std::time::Duration::from_secs(OPERATION_TIMEOUT_SECS);
+        loop {
+            match self.try_delete(name).await {
+                Err(err)
+                    if err.to_string().contains("is busy")
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_delete(&self, name: &str) -> Result<()> {
+        match self
+            .call(Method::GET, &format!("/1.0/instances/{name}"), None)
+            .await
+        {
+            Err(err) if err.to_string().contains("(404)") => return Ok(()),
+            Err(err) => return Err(err),
+            Ok(instance) => {
+                if instance["metadata"]["status"] != "Stopped" {
+                    self.set_state(name, "stop").await?;
+                }
+            }
+        }
+        let answer = self
+            .call(Method::DELETE, &format!("/1.0/instances/{name}"), None)
+            .await?;
+        self.wait(&answer).await.map(|_| ())
+    }
+
+    /// Every instance with its config.
+    pub async fn instances(&self) -> Result<Vec<Value>> {
+        let answer = self
+            .call(Method::GET, "/1.0/instances?recursion=1", None)
+            .await?;
+        Ok(answer["metadata"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Writes `bytes` to `path` in the instance with `mode` (files API).
+    pub async fn push_file(
+        &self,
+        name: &str,
+        path: &str,
+        bytes: Vec<u8>,
+        mode: &str,
+    ) -> Result<()> {
+        let response = self
+            .http
+            .post(format!("http://lxd/1.0/instances/{name}/files?path={path}"))
+            .header("X-LXD-type", "file")
+            .header("X-LXD-mode", mode)
+            .header("X-LXD-uid", "0")
+            .header("X-LXD-gid", "0")
+            .header("X-LXD-write", "overwrite")
+            .body(bytes)
+            .send()
+            .await
+            .map_err(|err| self.unreachable(&err))?;
+        if !response.status().is_success() {
+            let text = response.text().await.unwrap_or_default();
+            return Err(Error::system(format!(
+                "cannot copy {path} into {name}: {}",
+                text.trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether `path` exists in the instance.
+    pub async fn file_exists(&self, name: &str, path: &str) -> Result<bool> {
+        let response = self
+            .http
+            .get(format!("http://lxd/1.0/instances/{name}/files?path={path}"))
+            .send()
+            .await
+            .map_err(|err| self.unreachable(&err))?;
+        Ok(response.status().is_success())
+    }
+
+    /// Runs `command` and returns its exit status, its output discarded.
+    pub async fn exec_quiet(&self, name: &str, command: &[&str]) -> Result<i32> {
+        let body = json!({"command": command, "wait-for-websocket": false, "interactive": false, "record-output": false});
+        let answer = self
+            .call(
+                Method::POST,
+                &format!("/1.0/instances/{name}/exec"),
+                Some(&body),
+            )
+            .await?;
+        let done = self.wait(&answer).await?;
+        exit_status(&done)
+    }
+
+    /// Runs `command` with its stdout and stderr streamed to the driver's as they arrive, and
+    /// returns its exit status. When `cancel` fires, `on_cancel` runs (a second exec that stops
+    /// the command's process group): the runner's SIGTERM reaches only the driver (§6.3).
+    pub async fn exec_streaming(
+        &self,
+        name: &str,
+        command: &[&str],
+        cancel: &CancellationToken,
+        on_cancel: &[&str],
+    ) -> Result<i32> {
+        let body = json!({"command": command, "wait-for-websocket": true, "interactive": false});
+        let answer = self
+            .call(
+                Method::POST,
+                &format!("/1.0/instances/{name}/exec"),
+                Some(&body),
+            )
+            .await?;
+        let operation = answer["operation"]
+            .as_str()
+            .ok_or_else(|| Error::system("LXD exec started no operation"))?
+            .to_owned();
+        let fds = &answer["metadata"]["metadata"]["fds"];
+        let secret = |fd: &str| -> Result<String> {
+            fds[fd]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| Error::system(format!("LXD exec gave no secret for {fd}")))
+        };
+        // LXD waits about 5 s for every websocket, so all four connect at once.
+        let [s0, s1, s2, sc] = [secret("0")?, secret("1")?, secret("2")?, secret("control")?];
+        let (stdin, stdout, stderr, control) = tokio::try_join!(
+            self.websocket(&operation, &s0),
+            self.websocket(&operation, &s1),
+            self.websocket(&operation, &s2),
+            self.websocket(&operation, &sc),
+        )?;
+        // No input: EOF at once.
+        let mut stdin = stdin;
+        let _ = stdin.close(None).await;
+        let copy = |mut socket: WebSocket, stream: Stream| async move {
+            while let Some(Ok(message)) = socket.next().await {
+                match message {
+                    Message::Binary(bytes) => {
+                        let _ = write_all(stream, &bytes);
+                    }
+                    Message::Text(text) => {
+                        let _ = write_all(stream, text.as_bytes());
+                    }
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+        };
+        let output =
+            futures_util::future::join(copy(stdout, Stream::Stdout), copy(stderr, Stream::Stderr));
+        tokio::pin!(output);
+        tokio::select! {
+            _ = &mut output => {}
+            () = cancel.cancelled() => {
+                let _ = self.exec_quiet(name, on_cancel).await;
+                output.await;
+            }
+        }
+        drop(control);
+        let done = self.wait(&json!({"operation": operation})).await?;
+        exit_status(&done)
+    }
+
+    async fn websocket(&self, operation: &str, secret: &str) -> Result<WebSocket> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|err| {
+                Error::system(format!("cannot reach LXD at {}: {err}", self.endpoint))
+            })?;
+        let url = format!("ws://lxd{operation}/websocket?secret={secret}");
+        let (socket, _) = tokio_tungstenite::client_async(url, stream)
+            .await
+            .map_err(|err| Error::system(format!("LXD exec websocket: {err}")))?;
+        Ok(socket)
+    }
+}
+
+type WebSocket = tokio_tungstenite::WebSocketStream<tokio::net::UnixStream>;
+
+fn exit_status(operation: &Value) -> Result<i32> {
+    operation["metadata"]["return"]
+        .as_i64()
+        .and_then(|code| i32::try_from(code).ok())
+        .ok_or_else(|| Error::system("LXD reported no exit status for the exec"))
+}

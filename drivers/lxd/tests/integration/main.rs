@@ -1,0 +1,165 @@
+//! drover-lxd against the real LXD daemon, called as GitLab Runner calls it (through the
+//! `drover` CLI's emulated runner). Every test skips with one line when no daemon answers;
+//! `tests/install-and-test.sh` sets LXD up and imports the test image.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const DRIVER: &str = env!("CARGO_BIN_EXE_drover-lxd");
+const SOCKET: &str = "/var/lib/lxd/unix.socket";
+const IMAGE: &str = "drover-test/debian";
+
+/// `true` when LXD answers and the test image is imported; else one line saying why not.
+fn lxd(test: &str) -> bool {
+    let answers = Command::new("curl")
+        .args(["-sf", "--max-time", "5", "--unix-socket", SOCKET])
+        .arg(format!("http://lxd/1.0/images/aliases/{IMAGE}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !answers {
+        eprintln!(
+            "skipped {test}: no LXD at {SOCKET} with image {IMAGE} (run tests/setup/lxd.sh as root)"
+        );
+    }
+    answers
+}
+
+fn drover() -> PathBuf {
+    let path = Path::new(DRIVER).with_file_name("drover");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A settings file with a runner name of its own, so leftovers are attributable to one test.
+struct Setup {
+    dir: tempfile::TempDir,
+    runner: String,
+}
+
+impl Setup {
+    fn new(test: &str, socket: &str, driver: &str) -> Setup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let runner = format!("{test}-{}", std::process::id());
+        let text = format!(
+            "runner_name = \"{runner}\"\n\
+             [driver]\nsocket = {socket:?}\nstate_dir = {state:?}\n{driver}\n\
+             [driver.images]\n\"debian:bookworm\" = \"{IMAGE}\"\n\
+             [policy]\ndefault_image = \"debian:bookworm\"\nallowed_images = [\"debian:*\", \"missing:*\"]\n",
+            state = dir.path().join("state"),
+        );
+        std::fs::write(dir.path().join("lxd.toml"), text).expect("settings");
+        Setup { dir, runner }
+    }
+
+    fn drover(&self, args: &[&str]) -> (bool, String) {
+        let output = Command::new(drover())
+            .args(args)
+            .args([
+                "--driver",
+                DRIVER,
+                "--driver-arg",
+                "--config",
+                "--driver-arg",
+            ])
+            .arg(self.dir.path().join("lxd.toml"))
+            .output()
+            .expect("drover runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    }
+
+    fn run_job(&self, yaml: &str) -> (bool, String) {
+        let job = self.dir.path().join("job.yml");
+        std::fs::write(&job, yaml).expect("job file");
+        let job = job.to_string_lossy().into_owned();
+        self.drover(&["run-job", &job, "--runner", "emulated"])
+    }
+
+    /// Instances of this runner still on the daemon.
+    fn leftovers(&self) -> Vec<String> {
+        let output = Command::new("lxc")
+            .args([
+                "list",
+                "--format",
+                "csv",
+                "-c",
+                "n",
+                &format!("user.drover.runner={}", self.runner),
+            ])
+            .output()
+            .expect("lxc list");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[test]
+fn passes_the_conformance_suite_and_leaves_nothing_behind() {
+    if !lxd("passes_the_conformance_suite_and_leaves_nothing_behind") {
+        return;
+    }
+    let setup = Setup::new("conformance", SOCKET, "");
+    let (ok, log) = setup.drover(&["conformance"]);
+    assert!(ok, "{log}");
+    assert!(log.contains(" passed, 0 failed"), "{log}");
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn cache_written_by_one_job_is_restored_by_the_next_without_gitlab_runner_in_the_image() {
+    if !lxd("cache_written_by_one_job_is_restored_by_the_next_without_gitlab_runner_in_the_image") {
+        return;
+    }
+    // The image has no gitlab-runner: the driver copies the operator's in (here the stand-in).
+    let stand_in = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/harness/stand-in/gitlab-runner");
+    let setup = Setup::new(
+        "cache",
+        SOCKET,
+        &format!("gitlab_runner_binary = {stand_in:?}"),
+    );
+    let yaml = "stages: [build, test]\n\
+        build:\n  stage: build\n  script: [mkdir -p vendor, echo \"kept by job $CI_JOB_ID\" > vendor/deps.txt]\n  cache: {key: deps, paths: [vendor/]}\n\
+        test:\n  stage: test\n  script: [cat vendor/deps.txt]\n  cache: {key: deps, paths: [vendor/]}\n";
+    let (ok, log) = setup.run_job(yaml);
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("Copying gitlab-runner into the instance"),
+        "{log}"
+    );
+    assert!(
+        log.contains("kept by job"),
+        "the cache was not restored: {log}"
+    );
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_missing_socket_and_an_unknown_image_are_clear_system_failures() {
+    if !lxd("a_missing_socket_and_an_unknown_image_are_clear_system_failures") {
+        return;
+    }
+    let setup = Setup::new("nosocket", "/nonexistent/lxd.socket", "");
+    let (ok, log) = setup.run_job("x:\n  script: [echo never]\n");
+    assert!(!ok);
+    assert!(
+        log.contains("the LXD socket /nonexistent/lxd.socket does not exist"),
+        "{log}"
+    );
+    assert!(log.contains("result: runner_system_failure"), "{log}");
+
+    let setup = Setup::new("noimage", SOCKET, "");
+    let (ok, log) = setup.run_job("x:\n  image: missing:1\n  script: [echo never]\n");
+    assert!(!ok);
+    assert!(log.contains("no LXD image \"missing:1\""), "{log}");
+    assert!(log.contains("result: runner_system_failure"), "{log}");
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
