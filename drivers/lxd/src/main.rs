@@ -59,6 +59,11 @@ struct LxdSettings {
     /// The interpreter of the runner's scripts (§7).
     #[serde(default = "drover_core::settings::default_shell")]
     shell: String,
+    /// Extra LXD devices for every instance, as LXD takes them, e.g. a proxy that lets jobs
+    /// reach a service on the host: `[driver.devices.gitlab] type = "proxy"
+    /// listen = "tcp:127.0.0.1:8080" connect = "tcp:127.0.0.1:8080" bind = "container"`.
+    #[serde(default)]
+    devices: BTreeMap<String, BTreeMap<String, String>>,
     /// How long prepare waits for a new instance to accept exec.
     #[serde(default = "default_ready_secs")]
     ready_secs: u64,
@@ -142,6 +147,9 @@ impl Driver for LxdDriver {
             "drover-cache".into(),
             json!({"type": "disk", "source": self.cache_dir()?.display().to_string(), "path": CACHE_DIR}),
         );
+        for (device, options) in &self.settings.devices {
+            devices.insert(device.clone(), json!(options));
+        }
         for (index, mount) in resources.mounts.iter().enumerate() {
             devices.insert(
                 format!("drover-mount-{index}"),

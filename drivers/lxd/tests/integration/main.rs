@@ -121,14 +121,24 @@ fn cache_written_by_one_job_is_restored_by_the_next_without_gitlab_runner_in_the
     // The image has no gitlab-runner: the driver copies the operator's in (here the stand-in).
     let stand_in = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/harness/stand-in/gitlab-runner");
+    // An operator device (here a host directory) reaches every instance too.
+    let shared = tempfile::tempdir().expect("shared dir");
+    std::fs::write(
+        shared.path().join("note.txt"),
+        "from the operator's device\n",
+    )
+    .expect("note");
     let setup = Setup::new(
         "cache",
         SOCKET,
-        &format!("gitlab_runner_binary = {stand_in:?}"),
+        &format!(
+            "gitlab_runner_binary = {stand_in:?}\n[driver.devices.shared]\ntype = \"disk\"\nsource = {:?}\npath = \"/shared\"",
+            shared.path()
+        ),
     );
     let yaml = "stages: [build, test]\n\
         build:\n  stage: build\n  script: [mkdir -p vendor, echo \"kept by job $CI_JOB_ID\" > vendor/deps.txt]\n  cache: {key: deps, paths: [vendor/]}\n\
-        test:\n  stage: test\n  script: [cat vendor/deps.txt]\n  cache: {key: deps, paths: [vendor/]}\n";
+        test:\n  stage: test\n  script: [cat vendor/deps.txt, cat /shared/note.txt]\n  cache: {key: deps, paths: [vendor/]}\n";
     let (ok, log) = setup.run_job(yaml);
     assert!(ok, "{log}");
     assert!(
@@ -139,6 +149,7 @@ fn cache_written_by_one_job_is_restored_by_the_next_without_gitlab_runner_in_the
         log.contains("kept by job"),
         "the cache was not restored: {log}"
     );
+    assert!(log.contains("from the operator's device"), "{log}");
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
 
