@@ -45,7 +45,7 @@ esac
 # silently importing stale ones. The rootfs tarball has the layout (and, for the busybox variant,
 # the name and content) of tests/setup/podman.sh's user rootfs, so either script reuses the other's.
 ROOTFS_TAR=$CACHE/debian-$SUITE-minbase-${ROOTFS_INCLUDE//,/+}.tar
-RECIPE=debian-$SUITE-minbase-${ROOTFS_INCLUDE//,/+}-init-$INIT_VARIANT
+RECIPE=debian-$SUITE-minbase-${ROOTFS_INCLUDE//,/+}-init-$INIT_VARIANT-lo
 LXD_TAR=$CACHE/lxd-$RECIPE.tar
 # Goes into the image's description property: a rerun compares it to find an image built from an
 # older recipe and replaces it.
@@ -224,8 +224,10 @@ add_busybox_init() {
     # resolve from usr/sbin.
     rm -f "$root/sbin/init"
     ln -s /usr/lib/drover/busybox "$root/sbin/init"
-    printf '%s\n' '# drover test image: busybox init, nothing to start; keep one child alive.' \
-        '::sysinit:/bin/true' '::respawn:/bin/sleep 2147483647' >"$root/etc/inittab"
+    # Loopback up (nothing else would bring it up): jobs reach host services through proxy
+    # devices listening on 127.0.0.1 in the instance.
+    printf '%s\n' '# drover test image: busybox init, loopback up; keep one child alive.' \
+        '::sysinit:/usr/lib/drover/busybox ifconfig lo up' '::respawn:/bin/sleep 2147483647' >"$root/etc/inittab"
 }
 
 build_lxd_tar() {

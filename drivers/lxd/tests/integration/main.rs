@@ -174,3 +174,80 @@ fn a_missing_socket_and_an_unknown_image_are_clear_system_failures() {
     assert!(log.contains("result: runner_system_failure"), "{log}");
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn artifacts_upload_from_an_image_that_had_no_gitlab_runner() {
+    use drover_harness::coordinator::Coordinator;
+    use drover_harness::job::JobFile;
+    use drover_harness::pipeline::{PipelineOutcome, RunnerMode, run_pipeline};
+    use drover_harness::{CancelHandle, Driver, Hooks, JobResult, RunnerOptions};
+
+    let test = "artifacts_upload_from_an_image_that_had_no_gitlab_runner";
+    if !lxd(test) {
+        return;
+    }
+    // The runner's real helper commands run in the instance (the stand-in needs curl, which
+    // the image lacks); CI tests copying a binary in with the stand-in (the cache test).
+    let Some(runner) = std::env::var_os("GITLAB_RUNNER_BIN").filter(|p| !p.is_empty()) else {
+        eprintln!("skipped {test}: no GitLab Runner binary (set GITLAB_RUNNER_BIN)");
+        return;
+    };
+    let work = tempfile::tempdir().expect("work dir");
+    let coordinator = Coordinator::start(work.path().join("artifacts"))
+        .await
+        .expect("coordinator");
+    let port = coordinator.addr().port();
+    // The instance has no network: a proxy device brings drover's fake GitLab to its 127.0.0.1.
+    let setup = Setup::new(
+        "artifacts",
+        SOCKET,
+        &format!(
+            "gitlab_runner_binary = {runner:?}\n\
+             [driver.devices.gitlab]\ntype = \"proxy\"\nlisten = \"tcp:127.0.0.1:{port}\"\n\
+             connect = \"tcp:127.0.0.1:{port}\"\nbind = \"container\""
+        ),
+    );
+    let yaml = "stages: [build, test]\n\
+        build:\n  stage: build\n  script: [mkdir -p out, echo \"built by $CI_JOB_ID\" > out/result.txt]\n  artifacts: {paths: [out/]}\n\
+        test:\n  stage: test\n  script: [cat out/result.txt]\n";
+    let file = JobFile::parse(yaml).expect("job file");
+    let jobs = file.jobs_in_stage_order();
+    let driver = Driver::new(DRIVER)
+        .arg("--config")
+        .arg(setup.dir.path().join("lxd.toml"));
+    let outcome = tokio::time::timeout(
+        std::time::Duration::from_secs(300),
+        run_pipeline(
+            &file,
+            &jobs,
+            &driver,
+            &RunnerMode::Emulated(RunnerOptions::default()),
+            &coordinator,
+            None,
+            &Hooks::default(),
+            &CancelHandle::new(),
+        ),
+    )
+    .await
+    .expect("the pipeline finished in time");
+    for job in &outcome {
+        let log = match &job.outcome {
+            PipelineOutcome::Finished(report) => report.log_text().into_owned(),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(
+            job.result(),
+            Some(&JobResult::Success),
+            "{}: {log}",
+            job.name
+        );
+    }
+    let uploads: Vec<_> = coordinator
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.contains("/artifacts"))
+        .collect();
+    assert_eq!(uploads.len(), 1, "{uploads:?}");
+    assert_eq!(uploads[0].status, 201);
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
