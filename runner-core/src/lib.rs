@@ -29,6 +29,7 @@ pub use drover_protocol as protocol;
 mod driver;
 mod entry;
 mod error;
+pub mod fifo;
 mod job;
 mod log;
 pub mod naming;

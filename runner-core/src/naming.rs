@@ -54,6 +54,16 @@ impl ResourceNames {
         format!("{}-{suffix}", self.job())
     }
 
+    /// A name for something the job's project keeps across jobs, e.g.
+    /// `project_scoped("cache")` → `drover-ci1-p42-cache`. `gc` leaves it alone: it has no
+    /// job label.
+    pub fn project_scoped(&self, suffix: &str) -> String {
+        format!(
+            "drover-{}-p{}-{suffix}",
+            self.runner, self.identity.project_id
+        )
+    }
+
     /// The prefix shared by every resource of this runner, for `gc`.
     pub fn runner_prefix(runner: &str) -> String {
         format!("drover-{runner}-")
@@ -116,6 +126,7 @@ mod tests {
                 .job()
                 .starts_with(&ResourceNames::runner_prefix("ci1"))
         );
+        assert_eq!(names.project_scoped("cache"), "drover-ci1-p42-cache");
     }
 
     #[test]

@@ -20,13 +20,12 @@
 //! the dispatcher writes to its own stdout and stderr and everything comes through the attach.
 
 use std::borrow::Cow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use bollard::container::LogOutput;
+use drover_core::fifo::{FIFO_CHUNK, Fifo, FifoAccess, read_some};
 use drover_core::{Error, Result, Stream, write_all};
 use futures_util::StreamExt;
-use tokio::io::AsyncReadExt;
-use tokio::net::unix::pipe;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
@@ -81,11 +80,13 @@ pub async fn run(
     cancel: &CancellationToken,
 ) -> Result<i32> {
     let nonce = format!("drover-{:016x}", fastrand::u64(..));
-    let fifos = fifo_dir.map(|dir| Fifos::create(dir, &nonce)).transpose()?;
-    let (mut out_fifo, mut err_fifo) = match &fifos {
-        Some(fifos) => (Some(fifos.open(0)?), Some(fifos.open(1)?)),
-        None => (None, None),
+    // Any user the image runs as must be able to write them; the directory is private.
+    let fifo = |suffix: &str| -> Result<Option<Fifo>> {
+        fifo_dir
+            .map(|dir| Fifo::create(dir.join(format!("{nonce}.{suffix}")), FifoAccess::Anyone))
+            .transpose()
     };
+    let (mut out_fifo, mut err_fifo) = (fifo("out")?, fifo("err")?);
     // Attach first, so no output is missed.
     let mut output = engine.attach_output(container).await?;
     engine
@@ -110,10 +111,10 @@ pub async fn run(
                     "container {container} stopped while running the script; was it removed or out of memory?"
                 ))),
             },
-            read = read_fifo(out_fifo.as_mut(), &mut out_buf) => {
+            read = read_some(out_fifo.as_mut(), &mut out_buf) => {
                 let _ = write_all(Stream::Stdout, &out_buf[..read]);
             }
-            read = read_fifo(err_fifo.as_mut(), &mut err_buf) => {
+            read = read_some(err_fifo.as_mut(), &mut err_buf) => {
                 let _ = write_all(Stream::Stderr, &err_buf[..read]);
             }
             () = cancel.cancelled(), if !stopping => {
@@ -125,81 +126,12 @@ pub async fn run(
     // The script has exited: what it wrote is in the FIFOs' buffers already.
     for (fifo, stream) in [(&out_fifo, Stream::Stdout), (&err_fifo, Stream::Stderr)] {
         if let Some(fifo) = fifo {
-            drain(fifo, stream, &mut out_buf);
+            fifo.drain(stream, &mut out_buf);
         }
     }
-    drop(fifos);
     stdout
         .status
         .ok_or_else(|| Error::system("no exit status from the dispatcher"))
-}
-
-/// Bytes read from a FIFO at a time (a pipe holds 64 KiB).
-const FIFO_CHUNK: usize = 64 * 1024;
-
-/// Waits for bytes in `fifo`; never completes without one. A failed read ends nothing: the
-/// sentinel decides when the stage is over.
-async fn read_fifo(fifo: Option<&mut pipe::Receiver>, buf: &mut [u8]) -> usize {
-    match fifo {
-        Some(fifo) => match fifo.read(buf).await {
-            Ok(read) if read > 0 => read,
-            _ => std::future::pending().await,
-        },
-        None => std::future::pending().await,
-    }
-}
-
-/// One stage's output FIFOs on the host (stdout, stderr), removed when dropped.
-struct Fifos {
-    paths: [PathBuf; 2],
-}
-
-impl Fifos {
-    fn create(dir: &Path, nonce: &str) -> Result<Fifos> {
-        let fifos = Fifos {
-            paths: [
-                dir.join(format!("{nonce}.out")),
-                dir.join(format!("{nonce}.err")),
-            ],
-        };
-        for path in &fifos.paths {
-            nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(
-                |err| Error::system(format!("cannot make the FIFO {}: {err}", path.display())),
-            )?;
-            // Any user the image runs as must be able to write it; the directory is private.
-            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))
-                .map_err(|err| Error::system(format!("{}: {err}", path.display())))?;
-        }
-        Ok(fifos)
-    }
-
-    /// Opens FIFO `index` read-write: opening never waits for the container, and reads never
-    /// see EOF before the script has opened its end.
-    fn open(&self, index: usize) -> Result<pipe::Receiver> {
-        let path = &self.paths[index];
-        pipe::OpenOptions::new()
-            .read_write(true)
-            .open_receiver(path)
-            .map_err(|err| Error::system(format!("cannot open the FIFO {}: {err}", path.display())))
-    }
-}
-
-/// Passes on what is left in `fifo` without waiting for more.
-fn drain(fifo: &pipe::Receiver, stream: Stream, buf: &mut [u8]) {
-    while let Ok(read) = fifo.try_read(buf) {
-        if read == 0 {
-            break;
-        }
-        let _ = write_all(stream, &buf[..read]);
-    }
-}
-
-impl Drop for Fifos {
-    fn drop(&mut self) {
-        for path in &self.paths {
-            let _ = std::fs::remove_file(path);
-        }
-    }
 }
 
 /// A tar holding `<nonce>/script` and then `<nonce>/ready`.
