@@ -23,6 +23,7 @@ mod process;
 pub mod real;
 pub mod repository;
 pub mod script;
+pub mod setup;
 
 pub use coordinator::{Coordinator, FinalUpdate, RequestRecord};
 pub use emulated::{

@@ -3,9 +3,10 @@
 //! `tests/install-and-test.sh` sets podman up and exports `DROVER_PODMAN_SOCKET`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use drover_harness::repository::commit_files;
+use drover_harness::setup::DriverSetup;
 
 const DRIVER: &str = env!("CARGO_BIN_EXE_drover-podman");
 const USER_IMAGE: &str = "localhost/drover-test/debian:bookworm";
@@ -33,126 +34,36 @@ fn engine(test: &str) -> Option<PathBuf> {
     Some(socket)
 }
 
-/// The `drover` CLI, built beside the driver by `cargo test --workspace`.
-fn drover() -> PathBuf {
-    let path = Path::new(DRIVER).with_file_name("drover");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo test --workspace`",
-        path.display()
-    );
-    path
-}
-
 /// A settings file with a runner name of its own, so leftovers are attributable to one test.
-struct Setup {
-    dir: tempfile::TempDir,
-    runner: String,
-}
-
-impl Setup {
-    fn new(test: &str, socket: &Path, driver: &str, policy: &str) -> Setup {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let runner = format!("{test}-{}", std::process::id());
-        let text = format!(
+fn new_setup(test: &str, socket: &Path, driver: &str, policy: &str) -> DriverSetup {
+    DriverSetup::new(DRIVER, test, leftovers, |runner, state| {
+        format!(
             "runner_name = \"{runner}\"\n\
              [driver]\nsocket = {socket:?}\npull_policy = \"never\"\nstate_dir = {state:?}\n{driver}\n\
-             [policy]\ndefault_image = \"{USER_IMAGE}\"\nallowed_images = [\"localhost/drover-test/**\"]\n{policy}\n",
-            state = dir.path().join("state"),
-        );
-        std::fs::write(dir.path().join("podman.toml"), text).expect("settings");
-        Setup { dir, runner }
-    }
-
-    fn settings(&self) -> PathBuf {
-        self.dir.path().join("podman.toml")
-    }
-
-    /// Runs the job file through `drover run-job`; `runner` picks the runner (default: the
-    /// emulated one).
-    fn run_job(&self, yaml: &str, runner: &[&str]) -> (bool, String) {
-        let job = self.dir.path().join("job.yml");
-        std::fs::write(&job, yaml).expect("job file");
-        let output = self
-            .run_job_command(&job, runner)
-            .output()
-            .expect("drover runs");
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
+             [policy]\ndefault_image = \"{USER_IMAGE}\"\nallowed_images = [\"localhost/drover-test/**\"]\n{policy}\n"
         )
-    }
+    })
+}
 
-    /// `drover run-job JOB` with this driver and settings.
-    fn run_job_command(&self, job: &Path, runner: &[&str]) -> Command {
-        let mut command = Command::new(drover());
-        command
-            .arg("run-job")
-            .arg(job)
-            .args([
-                "--driver",
-                DRIVER,
-                "--driver-arg",
-                "--config",
-                "--driver-arg",
-            ])
-            .arg(self.settings())
-            .args(if runner.is_empty() {
-                &["--runner", "emulated"][..]
-            } else {
-                runner
-            });
-        command
-    }
-
-    /// Calls one stage of the driver as the runner would, for the job in `response`.
-    fn stage(&self, response: &str, args: &[&str]) -> Output {
-        let tmp = self.dir.path().join("custom-executor1");
-        std::fs::create_dir_all(&tmp).expect("tmp");
-        std::fs::write(tmp.join("response.json"), response).expect("response");
-        Command::new(DRIVER)
-            .arg("--config")
-            .arg(self.settings())
-            .args(args)
-            .current_dir(&tmp)
-            .env("BUILD_FAILURE_EXIT_CODE", "1")
-            .env("SYSTEM_FAILURE_EXIT_CODE", "2")
-            .env("JOB_RESPONSE_FILE", tmp.join("response.json"))
-            .env("BUILD_EXIT_CODE_FILE", tmp.join("build_exit_code"))
-            .env("TMPDIR", &tmp)
+/// Containers and volumes of `runner` still on the engine.
+fn leftovers(runner: &str) -> Vec<String> {
+    let label = format!("label=drover.runner={runner}");
+    let mut found = Vec::new();
+    for args in [
+        vec!["ps", "-a", "--filter", &label, "--format", "{{.Names}}"],
+        vec!["volume", "ls", "--filter", &label, "--format", "{{.Name}}"],
+    ] {
+        let output = Command::new("podman")
+            .args(&args)
             .output()
-            .expect("driver runs")
+            .expect("podman CLI");
+        found.extend(
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .map(str::to_owned),
+        );
     }
-
-    fn driver(&self, args: &[&str]) -> Output {
-        Command::new(DRIVER)
-            .arg("--config")
-            .arg(self.settings())
-            .args(args)
-            .output()
-            .expect("driver runs")
-    }
-
-    /// Containers and volumes of this runner still on the engine.
-    fn leftovers(&self) -> Vec<String> {
-        let label = format!("label=drover.runner={}", self.runner);
-        let mut found = Vec::new();
-        for args in [
-            vec!["ps", "-a", "--filter", &label, "--format", "{{.Names}}"],
-            vec!["volume", "ls", "--filter", &label, "--format", "{{.Name}}"],
-        ] {
-            let output = Command::new("podman")
-                .args(&args)
-                .output()
-                .expect("podman CLI");
-            found.extend(
-                String::from_utf8_lossy(&output.stdout)
-                    .lines()
-                    .map(str::to_owned),
-            );
-        }
-        found
-    }
+    found
 }
 
 fn stand_in() -> PathBuf {
@@ -164,17 +75,9 @@ fn passes_the_conformance_suite_and_leaves_nothing_behind() {
     let Some(socket) = engine("passes_the_conformance_suite_and_leaves_nothing_behind") else {
         return;
     };
-    let setup = Setup::new("conformance", &socket, "network_mode = \"none\"", "");
-    let output = Command::new(drover())
-        .args([
-            "conformance",
-            "--driver",
-            DRIVER,
-            "--driver-arg",
-            "--config",
-            "--driver-arg",
-        ])
-        .arg(setup.settings())
+    let setup = new_setup("conformance", &socket, "network_mode = \"none\"", "");
+    let output = setup
+        .drover_command(&["conformance"])
         .output()
         .expect("drover conformance runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -200,7 +103,7 @@ fn a_user_image_without_git_or_gitlab_runner_gets_cache_and_artifacts_through_th
         "network_mode = \"host\"\nhelper_image = \"{HELPER_IMAGE}\"\ngitlab_runner_binary = {:?}",
         stand_in()
     );
-    let setup = Setup::new("helper", &socket, &driver, "");
+    let setup = new_setup("helper", &socket, &driver, "");
     let pipeline = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/jobs/pipeline.yml"))
         .expect("example pipeline")
         .replace(
@@ -225,7 +128,7 @@ fn a_service_is_reachable_by_its_alias() {
     let Some(socket) = engine("a_service_is_reachable_by_its_alias") else {
         return;
     };
-    let setup = Setup::new("service", &socket, "network_mode = \"none\"", "");
+    let setup = new_setup("service", &socket, "network_mode = \"none\"", "");
     let yaml = format!(
         "svc:\n  services:\n    - name: {SERVICE_IMAGE}\n      alias: echo-svc\n      command: [\"sh\", \"-c\", \"while true; do echo pong | nc -l -p 7777; done\"]\n  script:\n    - for i in $(seq 1 50); do if exec 3<>/dev/tcp/echo-svc/7777; then cat <&3; break; fi; sleep 0.2; done\n"
     );
@@ -244,7 +147,7 @@ fn a_missing_engine_socket_is_a_system_failure_that_names_it() {
     let Some(_) = engine("a_missing_engine_socket_is_a_system_failure_that_names_it") else {
         return;
     };
-    let setup = Setup::new("nosocket", Path::new("/nonexistent/podman.sock"), "", "");
+    let setup = new_setup("nosocket", Path::new("/nonexistent/podman.sock"), "", "");
     let (ok, log) = setup.run_job("x:\n  script: [echo never]\n", &[]);
     assert!(!ok);
     assert!(
@@ -261,7 +164,7 @@ fn an_image_off_the_allow_list_is_a_system_failure_that_names_the_list() {
     else {
         return;
     };
-    let setup = Setup::new("allowlist", &socket, "", "");
+    let setup = new_setup("allowlist", &socket, "", "");
     let (ok, log) = setup.run_job(
         "x:\n  image: docker.io/library/alpine:3\n  script: [echo never]\n",
         &[],
@@ -280,7 +183,7 @@ fn a_missing_image_with_pull_policy_never_is_a_clear_error() {
     let Some(socket) = engine("a_missing_image_with_pull_policy_never_is_a_clear_error") else {
         return;
     };
-    let setup = Setup::new("noimage", &socket, "", "");
+    let setup = new_setup("noimage", &socket, "", "");
     let (ok, log) = setup.run_job(
         "x:\n  image: localhost/drover-test/absent:1\n  script: [echo never]\n",
         &[],
@@ -300,42 +203,9 @@ fn gc_removes_only_expired_jobs_and_doctor_reports_the_engine() {
     let Some(socket) = engine("gc_removes_only_expired_jobs_and_doctor_reports_the_engine") else {
         return;
     };
-    let setup = Setup::new("gc", &socket, "network_mode = \"none\"", "");
-    // A job whose cleanup never ran: config and prepare only, as after a runner crash. Its
-    // payload's timeout is one second and the grace is zero, so it expires at once.
-    std::fs::write(
-        setup.settings(),
-        std::fs::read_to_string(setup.settings())
-            .expect("settings")
-            .replace("runner_name", "gc_grace_secs = 0\nrunner_name"),
-    )
-    .expect("settings");
-    let prepare = setup.stage(
-        r#"{"id": 99001, "token": "t", "job_info": {"project_id": 5}, "runner_info": {"timeout": 1}, "variables": []}"#,
-        &["prepare"],
-    );
-    assert!(
-        prepare.status.success(),
-        "{}",
-        String::from_utf8_lossy(&prepare.stderr)
-    );
-    assert!(!setup.leftovers().is_empty());
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-
-    let dry = setup.driver(&["gc", "--dry-run"]);
-    assert!(
-        String::from_utf8_lossy(&dry.stdout).contains("would remove job 99001"),
-        "{}",
-        String::from_utf8_lossy(&dry.stdout)
-    );
-    assert!(!setup.leftovers().is_empty(), "a dry run removed something");
-    let gc = setup.driver(&["gc"]);
-    assert!(
-        gc.status.success(),
-        "{}",
-        String::from_utf8_lossy(&gc.stderr)
-    );
-    assert_eq!(setup.leftovers(), Vec::<String>::new());
+    let setup = new_setup("gc", &socket, "network_mode = \"none\"", "");
+    setup.abandon_an_expired_job();
+    setup.expect_gc_removes("job 99001");
 
     let doctor = setup.driver(&["doctor"]);
     let text = String::from_utf8_lossy(&doctor.stdout);
@@ -367,7 +237,7 @@ fn real_runner_pipeline_with_the_runners_own_helpers_in_the_helper_container() {
     let driver = format!(
         "network_mode = \"host\"\nhelper_image = \"{HELPER_IMAGE}\"\ngitlab_runner_binary = {runner:?}"
     );
-    let setup = Setup::new("realrunner", &socket, &driver, "");
+    let setup = new_setup("realrunner", &socket, &driver, "");
     let pipeline = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../examples/jobs/pipeline.yml"
@@ -395,7 +265,7 @@ fn without_the_host_fifos_output_comes_through_the_attach() {
     };
     // A remote engine cannot see the driver's FIFO directory; removing it after prepare shows
     // what such a job gets: the same bytes and exit status, through the engine.
-    let setup = Setup::new("attach", &socket, "network_mode = \"none\"", "");
+    let setup = new_setup("attach", &socket, "network_mode = \"none\"", "");
     let response = r#"{"id": 99002, "token": "t", "job_info": {"project_id": 5}, "runner_info": {"timeout": 600}, "variables": []}"#;
     let prepare = setup.stage(response, &["prepare"]);
     assert!(
@@ -437,7 +307,7 @@ fn sources_come_through_the_helper_into_a_user_image_without_git() {
     };
     // A repository on this host that drover's fake GitLab serves as the project's; host
     // networking lets the helper's git fetch reach it on 127.0.0.1.
-    let setup = Setup::new(
+    let setup = new_setup(
         "sources",
         &socket,
         &format!("network_mode = \"host\"\nhelper_image = \"{HELPER_IMAGE}\""),
@@ -456,16 +326,13 @@ fn sources_come_through_the_helper_into_a_user_image_without_git() {
 
 /// Runs a long job through `drover run-job`, presses Ctrl-C (SIGINT to drover) once the
 /// script is under way, and returns the whole log.
-fn run_and_interrupt(setup: &Setup, runner: &[&str]) -> String {
+fn run_and_interrupt(setup: &DriverSetup, runner: &[&str]) -> String {
     use std::io::{BufRead, BufReader};
-    let job = setup.dir.path().join("long.yml");
-    std::fs::write(
-        &job,
-        "long:\n  script:\n    - for i in $(seq 1 600); do echo tick $i; sleep 0.5; done\n  after_script:\n    - echo after_script ran\n",
-    )
-    .expect("job file");
     let mut child = setup
-        .run_job_command(&job, runner)
+        .run_job_command(
+            "long:\n  script:\n    - for i in $(seq 1 600); do echo tick $i; sleep 0.5; done\n  after_script:\n    - echo after_script ran\n",
+            runner,
+        )
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("drover runs");
@@ -504,7 +371,7 @@ fn ctrl_c_cancels_the_job_after_script_runs_and_nothing_is_left() {
     else {
         return;
     };
-    let setup = Setup::new("ctrlc", &socket, "network_mode = \"none\"", "");
+    let setup = new_setup("ctrlc", &socket, "network_mode = \"none\"", "");
     let mut runners = vec![vec!["--runner".to_owned(), "emulated".to_owned()]];
     if let Some(binary) = gitlab_runner("ctrl_c_cancels_the_job (real runner)") {
         runners.push(vec![

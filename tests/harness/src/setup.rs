@@ -1,0 +1,184 @@
+//! A driver under test with an operator settings file of its own, called the ways its
+//! integration tests call it: through `drover run-job` and `drover conformance`, one stage at a
+//! time as the runner calls it, or a maintenance command (`gc`, `doctor`). Each setup has a
+//! runner name of its own, so whatever it leaves on a backend is attributable to one test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Lists what a runner (by `runner_name`) has on the backend: containers, instances, volumes.
+pub type Leftovers = fn(runner: &str) -> Vec<String>;
+
+/// A driver binary, a temporary directory and the settings file in it.
+pub struct DriverSetup {
+    /// Holds the settings file, the job files and the driver's `state_dir` (`state/`).
+    pub dir: tempfile::TempDir,
+    /// The `runner_name` of the settings: the test's name and this process's id.
+    pub runner: String,
+    driver: PathBuf,
+    leftovers: Leftovers,
+}
+
+impl DriverSetup {
+    /// A setup for `driver` whose settings file is `settings(runner_name, state_dir)` and
+    /// whose backend is asked for what is left by `leftovers`.
+    pub fn new(
+        driver: impl Into<PathBuf>,
+        test: &str,
+        leftovers: Leftovers,
+        settings: impl FnOnce(&str, &Path) -> String,
+    ) -> DriverSetup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let runner = format!("{test}-{}", std::process::id());
+        let text = settings(&runner, &dir.path().join("state"));
+        let setup = DriverSetup {
+            dir,
+            runner,
+            driver: driver.into(),
+            leftovers,
+        };
+        std::fs::write(setup.settings(), text).expect("settings");
+        setup
+    }
+
+    /// What this setup's runner has left on the backend.
+    pub fn leftovers(&self) -> Vec<String> {
+        (self.leftovers)(&self.runner)
+    }
+
+    /// Prepares job 99001 of project 5 as the runner would and never cleans it up, as after a
+    /// runner crash. Its timeout is 1 s and this sets the settings' `gc_grace_secs` to 0, so
+    /// the job has expired when this returns (it waits 1.5 s).
+    pub fn abandon_an_expired_job(&self) {
+        let settings = std::fs::read_to_string(self.settings()).expect("settings");
+        std::fs::write(
+            self.settings(),
+            settings.replace("runner_name", "gc_grace_secs = 0\nrunner_name"),
+        )
+        .expect("settings");
+        let prepare = self.stage(
+            r#"{"id": 99001, "token": "t", "job_info": {"project_id": 5}, "runner_info": {"timeout": 1}, "variables": []}"#,
+            &["prepare"],
+        );
+        let stderr = String::from_utf8_lossy(&prepare.stderr);
+        assert!(prepare.status.success(), "{stderr}");
+        assert!(
+            !self.leftovers().is_empty(),
+            "prepare made nothing: {stderr}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+    }
+
+    /// Runs `gc --dry-run`, which must name `expired` and remove nothing, then `gc`, which must
+    /// leave nothing of this runner.
+    pub fn expect_gc_removes(&self, expired: &str) {
+        let before = self.leftovers();
+        let dry = self.driver(&["gc", "--dry-run"]);
+        let text = String::from_utf8_lossy(&dry.stdout);
+        assert!(text.contains(&format!("would remove {expired}")), "{text}");
+        assert_eq!(self.leftovers(), before, "a dry run removed something");
+        let gc = self.driver(&["gc"]);
+        let text = String::from_utf8_lossy(&gc.stderr);
+        assert!(gc.status.success(), "{text}");
+        assert_eq!(self.leftovers(), Vec::<String>::new());
+    }
+
+    /// The settings file.
+    pub fn settings(&self) -> PathBuf {
+        self.dir.path().join("driver.toml")
+    }
+
+    /// `drover ARGS --driver DRIVER --driver-arg --config --driver-arg SETTINGS`.
+    pub fn drover_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(drover_cli(&self.driver));
+        command
+            .args(args)
+            .arg("--driver")
+            .arg(&self.driver)
+            .args(["--driver-arg", "--config", "--driver-arg"])
+            .arg(self.settings());
+        command
+    }
+
+    /// Runs `drover ARGS` with this driver; whether it succeeded, and its stdout.
+    pub fn drover(&self, args: &[&str]) -> (bool, String) {
+        let output = self.drover_command(args).output().expect("drover runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    }
+
+    /// `drover run-job` of the job file `yaml`, with the emulated runner unless `runner` names
+    /// another (e.g. `["--runner", "real", "--gitlab-runner", PATH]`).
+    pub fn run_job_command(&self, yaml: &str, runner: &[&str]) -> Command {
+        let job = self.dir.path().join("job.yml");
+        std::fs::write(&job, yaml).expect("job file");
+        let job = job.to_string_lossy().into_owned();
+        let mut args = vec!["run-job", job.as_str()];
+        args.extend(if runner.is_empty() {
+            &["--runner", "emulated"][..]
+        } else {
+            runner
+        });
+        self.drover_command(&args)
+    }
+
+    /// Runs [`Self::run_job_command`]; whether the jobs succeeded, and the job log.
+    pub fn run_job(&self, yaml: &str, runner: &[&str]) -> (bool, String) {
+        let output = self
+            .run_job_command(yaml, runner)
+            .output()
+            .expect("drover runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    }
+
+    /// Calls the driver's stage `args` (e.g. `["prepare"]`) as the runner would, for the job
+    /// whose `JOB_RESPONSE_FILE` is `response`.
+    pub fn stage(&self, response: &str, args: &[&str]) -> Output {
+        let tmp = self.dir.path().join("custom-executor1");
+        std::fs::create_dir_all(&tmp).expect("tmp");
+        std::fs::write(tmp.join("response.json"), response).expect("response");
+        as_runner_calls(&mut self.driver_command(args), &tmp)
+            .output()
+            .expect("driver runs")
+    }
+
+    /// Runs `DRIVER --config SETTINGS ARGS`, e.g. `gc` or `doctor`.
+    pub fn driver(&self, args: &[&str]) -> Output {
+        self.driver_command(args).output().expect("driver runs")
+    }
+
+    fn driver_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.driver);
+        command.arg("--config").arg(self.settings()).args(args);
+        command
+    }
+}
+
+/// Gives `command` what GitLab Runner gives a custom executor's stage, for a job whose
+/// directory is `job_dir` (holding `response.json`): the working directory, the exit codes,
+/// `JOB_RESPONSE_FILE`, `BUILD_EXIT_CODE_FILE` and `TMPDIR` (contract §1, §3).
+pub fn as_runner_calls<'a>(command: &'a mut Command, job_dir: &Path) -> &'a mut Command {
+    command
+        .current_dir(job_dir)
+        .env("BUILD_FAILURE_EXIT_CODE", "1")
+        .env("SYSTEM_FAILURE_EXIT_CODE", "2")
+        .env("JOB_RESPONSE_FILE", job_dir.join("response.json"))
+        .env("BUILD_EXIT_CODE_FILE", job_dir.join("build_exit_code"))
+        .env("TMPDIR", job_dir)
+}
+
+/// The `drover` CLI, built beside the driver by `cargo test --workspace`.
+pub fn drover_cli(driver: &Path) -> PathBuf {
+    let path = driver.with_file_name("drover");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
