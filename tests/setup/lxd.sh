@@ -8,6 +8,7 @@
 #   - an LXD daemon (`lxd --group root`, left running) answering on /var/lib/lxd/unix.socket;
 #   - storage pool `default` (driver dir) and a default profile holding only the root disk (no
 #     network device: exec needs none, and tests must not connect into a bridge);
+#   - the API on https://127.0.0.1:8443 as well (loopback only), for the remote-daemon tests;
 #   - image alias drover-test/debian (no registry is reachable, so it is built here from Debian
 #     packages): debootstrap minbase + procps + an init, with bash, coreutils, util-linux, procps
 #     and tar, and neither git nor gitlab-runner (it stands for "an image without gitlab-runner");
@@ -19,6 +20,7 @@ set -euo pipefail
 
 LXD_DIR=/var/lib/lxd
 SOCK_PATH=$LXD_DIR/unix.socket
+HTTPS_ADDRESS=127.0.0.1:8443
 DAEMON_LOG=/var/log/drover-lxd.log
 CACHE=/var/cache/drover/images
 MIRROR=${DROVER_DEBIAN_MIRROR:-}
@@ -93,7 +95,7 @@ flock -w 900 9 || die "another tests/setup/lxd.sh has held /var/cache/drover/lxd
 #    apt-get update (about 1 s) only when something is missing. DPkg::Lock::Timeout: wait
 #    (bounded) instead of failing if another apt is running.
 need=()
-for pkg in lxd lxd-client debootstrap curl tar; do
+for pkg in lxd lxd-client debootstrap curl tar openssl; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -103,7 +105,7 @@ if [ "${#need[@]}" -gt 0 ]; then
         || { printf '%s\n' "$out" >&2; die "apt-get install ${need[*]} failed (output above)"; }
     say "installed ${need[*]}"
 else
-    say "packages present (lxd lxd-client debootstrap curl tar)"
+    say "packages present (lxd lxd-client debootstrap curl tar openssl)"
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +164,16 @@ fi
 # launch fail with a less obvious error.
 [ "$(timeout 30 lxc profile device get default root pool </dev/null 2>/dev/null)" = default ] \
     || die "the default profile has no root disk on pool default; see 'lxc profile show default'"
+
+# The remote-daemon tests talk HTTPS to this daemon; loopback only (tests never leave it). They
+# make and trust their own client certificates (openssl, `lxc config trust add`).
+if [ "$(timeout 30 lxc config get core.https_address </dev/null)" = "$HTTPS_ADDRESS" ]; then
+    say "API also on https://$HTTPS_ADDRESS"
+else
+    timeout 30 lxc config set core.https_address "$HTTPS_ADDRESS" </dev/null \
+        || die "lxc config set core.https_address $HTTPS_ADDRESS failed"
+    say "API now also on https://$HTTPS_ADDRESS"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 4. The image. No image registry is reachable (backends.md): build the rootfs from Debian

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use drover_harness::setup::as_runner_calls;
 use nix::sys::resource::{UsageWho, getrusage};
 
 const DROVER: &str = env!("CARGO_BIN_EXE_drover-lxd");
@@ -129,14 +130,7 @@ impl Bench {
                 command
             }
         };
-        command
-            .args(args)
-            .current_dir(&dir)
-            .env("BUILD_FAILURE_EXIT_CODE", "1")
-            .env("SYSTEM_FAILURE_EXIT_CODE", "2")
-            .env("JOB_RESPONSE_FILE", dir.join("response.json"))
-            .env("BUILD_EXIT_CODE_FILE", dir.join("build_exit_code"))
-            .env("TMPDIR", &dir)
+        as_runner_calls(command.args(args), &dir)
             .env("CUSTOM_ENV_CI_JOB_ID", id.to_string())
             .env("CUSTOM_ENV_CI_PROJECT_ID", PROJECT_ID.to_string())
             .stdin(Stdio::null());

@@ -1,15 +1,20 @@
-//! LXD's (and Incus's) REST API over the local unix socket: JSON requests through reqwest,
-//! background operations waited for, and exec output through the operation's websockets.
-//! Errors name the socket or the call and say what to fix; daemon errors (5xx) are transient.
+//! LXD's (and Incus's) REST API, over the local unix socket or over HTTPS to a remote daemon
+//! (see `tls`): JSON requests through reqwest, background operations waited for, and exec
+//! output through the operation's websockets. Errors name the endpoint or the call and say what
+//! to fix; daemon errors (5xx) are transient.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use drover_core::{Error, Result, Stream, write_all};
 use futures_util::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+
+use crate::tls;
 
 /// Sockets tried, in order, when the operator names none: Debian's LXD, the snap's, Incus's.
 pub const DEFAULT_SOCKETS: &[&str] = &[
@@ -21,15 +26,84 @@ pub const DEFAULT_SOCKETS: &[&str] = &[
 /// Seconds a background operation (create, start, stop, delete) may take.
 const OPERATION_TIMEOUT_SECS: u64 = 120;
 
+/// The port of `https://` endpoints that name none (LXD's default).
+const DEFAULT_HTTPS_PORT: u16 = 8443;
+
 /// A client of one LXD daemon.
+#[derive(Clone)]
 pub struct Lxd {
     http: reqwest::Client,
-    socket: PathBuf,
-    /// The socket, for messages.
+    transport: Transport,
+    /// The socket or URL, for messages.
     pub endpoint: String,
 }
 
+/// How requests and websockets reach the daemon.
+#[derive(Clone)]
+enum Transport {
+    Unix(PathBuf),
+    Https {
+        host: String,
+        port: u16,
+        tls: Arc<rustls::ClientConfig>,
+    },
+}
+
+/// A remote daemon: its `https://` URL and the client's credentials (see `tls`).
+pub struct Remote<'a> {
+    /// `https://host[:port]`.
+    pub url: &'a str,
+    /// PEM certificate the daemon trusts (`lxc config trust add`).
+    pub client_cert: &'a Path,
+    /// Its PEM private key.
+    pub client_key: &'a Path,
+    /// SHA-256 fingerprint of the daemon's certificate.
+    pub server_fingerprint: &'a str,
+}
+
 impl Lxd {
+    /// A client for the daemon at `remote` over HTTPS.
+    pub fn connect_https(remote: &Remote<'_>) -> Result<Lxd> {
+        let url = reqwest::Url::parse(remote.url)
+            .ok()
+            .filter(|url| url.scheme() == "https" && url.host_str().is_some())
+            .ok_or_else(|| {
+                Error::system(format!(
+                    "url {:?} is not an https://host[:port] URL of an LXD daemon",
+                    remote.url
+                ))
+            })?;
+        let host = url.host_str().unwrap_or_default().to_owned();
+        let port = url.port().unwrap_or(DEFAULT_HTTPS_PORT);
+        let tls = tls::client_config(
+            remote.client_cert,
+            remote.client_key,
+            remote.server_fingerprint,
+        )?;
+        let endpoint = format!("https://{host}:{port}");
+        let http = client_builder()
+            .tls_backend_preconfigured((*tls).clone())
+            .build()
+            .map_err(|err| Error::system(format!("LXD client for {endpoint}: {err}")))?;
+        Ok(Lxd {
+            http,
+            transport: Transport::Https { host, port, tls },
+            endpoint,
+        })
+    }
+
+    /// Whether the daemon shares this host's file system (a local socket).
+    pub fn is_local(&self) -> bool {
+        matches!(self.transport, Transport::Unix(_))
+    }
+
+    fn base(&self) -> &str {
+        match self.transport {
+            Transport::Unix(_) => "http://lxd",
+            Transport::Https { .. } => &self.endpoint,
+        }
+    }
+
     /// A client for `socket`, or the first default socket that exists.
     pub fn connect(socket: Option<&Path>) -> Result<Lxd> {
         let socket = match socket {
@@ -51,13 +125,13 @@ impl Lxd {
                 "the LXD socket {endpoint} does not exist; start lxd (or incus) or fix [driver] socket"
             )));
         }
-        let http = reqwest::Client::builder()
+        let http = client_builder()
             .unix_socket(socket.clone())
             .build()
             .map_err(|err| Error::system(format!("LXD client for {endpoint}: {err}")))?;
         Ok(Lxd {
             http,
-            socket,
+            transport: Transport::Unix(socket),
             endpoint,
         })
     }
@@ -67,7 +141,7 @@ impl Lxd {
     async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
         let mut request = self
             .http
-            .request(method.clone(), format!("http://lxd{path}"));
+            .request(method.clone(), format!("{}{path}", self.base()));
         if let Some(body) = body {
             request = request.json(body);
         }
@@ -92,15 +166,29 @@ impl Lxd {
     }
 
     fn unreachable(&self, err: &reqwest::Error) -> Error {
+        // reqwest's own message ("error sending request") hides the cause, e.g. the TLS one.
+        let mut message = err.to_string();
+        let mut source = std::error::Error::source(err);
+        while let Some(cause) = source {
+            message = format!("{message}: {cause}");
+            source = cause.source();
+        }
+        let hint = match self.transport {
+            Transport::Unix(_) => "is the daemon running (`lxd --group root` or the service)?",
+            Transport::Https { .. } => {
+                "is the daemon listening there (core.https_address), does it trust client_cert (`lxc config trust add`), and is server_fingerprint its certificate's?"
+            }
+        };
         Error::system(format!(
-            "cannot reach LXD at {}: {err}; is the daemon running (`lxd --group root` or the service)?",
+            "cannot reach LXD at {}: {message}; {hint}",
             self.endpoint
         ))
     }
 
     /// Waits for a background operation and returns its metadata; fails with its error.
     async fn wait(&self, answer: &Value) -> Result<Value> {
-        let Some(operation) = answer["operation"].as_str() else {
+        // Synchronous answers (e.g. creating a custom volume) carry an empty operation.
+        let Some(operation) = answer["operation"].as_str().filter(|op| !op.is_empty()) else {
             return Ok(answer["metadata"].clone());
         };
         let done = self
@@ -124,6 +212,14 @@ impl Lxd {
     /// Checks the daemon answers; returns its name and version, e.g. `lxd 5.0.2`.
     pub async fn describe(&self) -> Result<String> {
         let info = self.call(Method::GET, "/1.0", None).await?;
+        // An untrusted client is answered too, with next to nothing; every later call would
+        // fail with a bare "not authorized".
+        if info["metadata"]["auth"] == "untrusted" {
+            return Err(Error::system(format!(
+                "the LXD daemon at {} does not trust client_cert; on the server, `lxc config trust add` it",
+                self.endpoint
+            )));
+        }
         let environment = &info["metadata"]["environment"];
         Ok(format!(
             "{} {}",
@@ -132,20 +228,44 @@ impl Lxd {
         ))
     }
 
-    /// Whether an image alias or fingerprint exists.
-    pub async fn image_exists(&self, image: &str) -> Result<bool> {
-        let alias = self
+    /// The `source` of an instance made from `image`, an alias or a fingerprint (or its
+    /// unique start); None when the daemon has no such image.
+    pub async fn image_source(&self, image: &str) -> Result<Option<Value>> {
+        if self
             .call(Method::GET, &format!("/1.0/images/aliases/{image}"), None)
-            .await;
-        if alias.is_ok() {
-            return Ok(true);
+            .await
+            .is_ok()
+        {
+            return Ok(Some(json!({"type": "image", "alias": image})));
         }
         match self
             .call(Method::GET, &format!("/1.0/images/{image}"), None)
             .await
         {
-            Ok(_) => Ok(true),
-            Err(err) if err.to_string().contains("(404)") => Ok(false),
+            Ok(_) => Ok(Some(json!({"type": "image", "fingerprint": image}))),
+            Err(err) if err.to_string().contains("(404)") => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Makes the custom storage volume `name` in `pool` unless it exists.
+    pub async fn ensure_volume(&self, pool: &str, name: &str) -> Result<()> {
+        let path = format!("/1.0/storage-pools/{pool}/volumes/custom/{name}");
+        if self.call(Method::GET, &path, None).await.is_ok() {
+            return Ok(());
+        }
+        let body = json!({"name": name, "type": "custom", "content_type": "filesystem"});
+        let created = self
+            .call(
+                Method::POST,
+                &format!("/1.0/storage-pools/{pool}/volumes"),
+                Some(&body),
+            )
+            .await;
+        match created {
+            Ok(answer) => self.wait(&answer).await.map(|_| ()),
+            // A job of the same project made it meanwhile.
+            Err(err) if err.to_string().contains("already exists") => Ok(()),
             Err(err) => Err(err),
         }
     }
@@ -209,6 +329,17 @@ impl Lxd {
         self.wait(&answer).await.map(|_| ())
     }
 
+    /// The metadata of any object of the API, e.g. `/1.0/profiles/default`.
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        let answer = self.call(Method::GET, path, None).await?;
+        Ok(answer["metadata"].clone())
+    }
+
+    /// One instance with its config and devices.
+    pub async fn instance(&self, name: &str) -> Result<Value> {
+        self.get(&format!("/1.0/instances/{name}")).await
+    }
+
     /// Every instance with its config.
     pub async fn instances(&self) -> Result<Vec<Value>> {
         let answer = self
@@ -227,7 +358,10 @@ impl Lxd {
     ) -> Result<()> {
         let response = self
             .http
-            .post(format!("http://lxd/1.0/instances/{name}/files?path={path}"))
+            .post(format!(
+                "{}/1.0/instances/{name}/files?path={path}",
+                self.base()
+            ))
             .header("X-LXD-type", "file")
             .header("X-LXD-mode", mode)
             .header("X-LXD-uid", "0")
@@ -251,7 +385,10 @@ impl Lxd {
     pub async fn file_exists(&self, name: &str, path: &str) -> Result<bool> {
         let response = self
             .http
-            .get(format!("http://lxd/1.0/instances/{name}/files?path={path}"))
+            .get(format!(
+                "{}/1.0/instances/{name}/files?path={path}",
+                self.base()
+            ))
             .send()
             .await
             .map_err(|err| self.unreachable(&err))?;
@@ -342,12 +479,34 @@ impl Lxd {
     }
 
     async fn websocket(&self, operation: &str, secret: &str) -> Result<WebSocket> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|err| {
-                Error::system(format!("cannot reach LXD at {}: {err}", self.endpoint))
-            })?;
-        let url = format!("ws://lxd{operation}/websocket?secret={secret}");
+        let unreachable = |err: std::io::Error| {
+            Error::system(format!("cannot reach LXD at {}: {err}", self.endpoint))
+        };
+        let (stream, url): (Box<dyn Connection>, String) = match &self.transport {
+            Transport::Unix(socket) => (
+                Box::new(
+                    tokio::net::UnixStream::connect(socket)
+                        .await
+                        .map_err(unreachable)?,
+                ),
+                format!("ws://lxd{operation}/websocket?secret={secret}"),
+            ),
+            Transport::Https { host, port, tls } => {
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(unreachable)?;
+                let name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|err| Error::system(format!("LXD host {host}: {err}")))?;
+                let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(unreachable)?;
+                (
+                    Box::new(stream),
+                    format!("wss://{host}:{port}{operation}/websocket?secret={secret}"),
+                )
+            }
+        };
         let (socket, _) = tokio_tungstenite::client_async(url, stream)
             .await
             .map_err(|err| Error::system(format!("LXD exec websocket: {err}")))?;
@@ -355,7 +514,21 @@ impl Lxd {
     }
 }
 
-type WebSocket = tokio_tungstenite::WebSocketStream<tokio::net::UnixStream>;
+/// reqwest's builder, with ring as the process's TLS crypto provider: reqwest is built
+/// without one of its own (its default, aws-lc, needs cmake and a longer build) and panics on
+/// `build()` without it, even for a unix socket.
+fn client_builder() -> reqwest::ClientBuilder {
+    // Err only when a provider is installed already, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
+/// A byte stream to the daemon: a unix socket or a TLS connection.
+trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
+
+type WebSocket = tokio_tungstenite::WebSocketStream<Box<dyn Connection>>;
 
 fn exit_status(operation: &Value) -> Result<i32> {
     operation["metadata"]["return"]

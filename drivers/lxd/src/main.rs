@@ -20,8 +20,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 mod api;
+mod stages;
+mod tls;
 
-use api::Lxd;
+use api::{Lxd, Remote};
+use stages::StageDir;
 
 /// The `builds_dir` inside every instance (§2).
 const BUILDS_DIR: &str = "/builds";
@@ -39,6 +42,23 @@ struct LxdSettings {
     /// The API socket; default: LXD's (Debian's, then the snap's), then Incus's.
     #[serde(default)]
     socket: Option<PathBuf>,
+    /// A remote daemon instead, `https://host[:port]` (port 8443 by default), reached with
+    /// `client_cert` and `client_key` and trusted by `server_fingerprint`.
+    #[serde(default)]
+    url: Option<String>,
+    /// PEM certificate the remote daemon trusts (`lxc config trust add` on the server).
+    #[serde(default)]
+    client_cert: Option<PathBuf>,
+    /// The PEM private key of `client_cert`.
+    #[serde(default)]
+    client_key: Option<PathBuf>,
+    /// SHA-256 fingerprint of the remote daemon's certificate (`certificate_fingerprint` in
+    /// `lxc info` on the server); no other certificate is accepted.
+    #[serde(default)]
+    server_fingerprint: Option<String>,
+    /// The storage pool of a remote daemon's cache volumes (`drover-cache-p<project>`).
+    #[serde(default = "default_storage_pool")]
+    storage_pool: String,
     /// Job `image:` names mapped to an LXD image alias or fingerprint; names not listed are
     /// used as aliases as they are.
     #[serde(default)]
@@ -77,6 +97,10 @@ fn default_profiles() -> Vec<String> {
     vec!["default".into()]
 }
 
+fn default_storage_pool() -> String {
+    "default".into()
+}
+
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/drover-lxd")
 }
@@ -95,6 +119,12 @@ impl Driver for LxdDriver {
     type Settings = LxdSettings;
 
     fn new(settings: &Settings<LxdSettings>) -> Result<Self> {
+        let instance_type = &settings.driver.instance_type;
+        if instance_type != "container" && instance_type != "virtual-machine" {
+            return Err(Error::system(format!(
+                "[driver] instance_type {instance_type:?} is neither \"container\" nor \"virtual-machine\""
+            )));
+        }
         Ok(LxdDriver {
             settings: settings.driver.clone(),
         })
@@ -120,13 +150,13 @@ impl Driver for LxdDriver {
             .get(&requested)
             .cloned()
             .unwrap_or_else(|| requested.clone());
-        let lxd = Lxd::connect(self.settings.socket.as_deref())?;
+        let lxd = self.connect()?;
         progress!("Using {} at {}", lxd.describe().await?, lxd.endpoint);
-        if !lxd.image_exists(&image).await? {
+        let Some(source) = lxd.image_source(&image).await? else {
             return Err(Error::system(format!(
                 "no LXD image {image:?} (for the job's image {requested:?}); import it or map the name in [driver] images"
             )));
-        }
+        };
         let name = job.names().job();
         // An instance of the same name can only be left from an earlier attempt (§5.1).
         lxd.delete(&name).await?;
@@ -143,10 +173,18 @@ impl Driver for LxdDriver {
             config.insert("limits.memory".into(), json!(memory.to_string()));
         }
         let mut devices = serde_json::Map::new();
-        devices.insert(
-            "drover-cache".into(),
-            json!({"type": "disk", "source": self.cache_dir()?.display().to_string(), "path": CACHE_DIR}),
-        );
+        devices.insert("drover-cache".into(), self.cache_device(&lxd, job).await?);
+        // The fast stage path needs FIFOs shared with the instance: a container of a daemon on
+        // this host (see `stages`).
+        let stage_dir = self.stage_dir(&name);
+        let share_stage_dir = lxd.is_local() && self.settings.instance_type == "container";
+        if share_stage_dir {
+            stage_dir.create()?;
+            devices.insert(
+                "drover-io".into(),
+                json!({"type": "disk", "source": stage_dir.path().display().to_string(), "path": stages::IO_DIR}),
+            );
+        }
         for (device, options) in &self.settings.devices {
             devices.insert(device.clone(), json!(options));
         }
@@ -159,7 +197,7 @@ impl Driver for LxdDriver {
         let body = json!({
             "name": name,
             "type": self.settings.instance_type,
-            "source": {"type": "image", "alias": image},
+            "source": source,
             "profiles": self.settings.profiles,
             "config": config,
             "devices": devices,
@@ -188,6 +226,18 @@ impl Driver for LxdDriver {
         .await?;
         lxd.set_state(&name, "start").await?;
         self.wait_until_ready(&lxd, &name, job).await?;
+        if share_stage_dir {
+            let owner = stages::root_owner(&lxd.instance(&name).await?);
+            if !stage_dir
+                .start(&lxd, &name, &self.settings.shell, owner)
+                .await
+            {
+                progress!(
+                    "The instance does not share {} with this host; each stage runs as an exec",
+                    stage_dir.path().display()
+                );
+            }
+        }
         if let Some(binary) = &self.settings.gitlab_runner_binary {
             if !lxd.file_exists(&name, RUNNER_IN_INSTANCE).await? {
                 progress!("Copying gitlab-runner into the instance (the image has none)");
@@ -203,44 +253,35 @@ impl Driver for LxdDriver {
         Ok(())
     }
 
-    /// The script is copied in with the files API and run by the job's shell in a session of
-    /// its own (setsid), so a cancel can stop its whole process group inside the instance.
+    /// The script goes to the instance's dispatcher when prepare started one (see `stages`);
+    /// otherwise it is copied in with the files API and run with an exec.
     async fn run(&self, job: &Job, script: &Script) -> Result<i32> {
-        let lxd = Lxd::connect(self.settings.socket.as_deref())?;
+        let lxd = self.connect()?;
         let name = job.names().job();
-        let stage = format!("/tmp/drover-{:016x}", fastrand::u64(..));
-        lxd.push_file(&name, &format!("{stage}.sh"), script.read().await?, "0700")
-            .await?;
-        let wrapper = format!(
-            "echo $$ > {stage}.pid; \"$0\" {stage}.sh </dev/null; status=$?; rm -f {stage}.sh {stage}.pid; exit $status"
-        );
-        let stop = format!(
-            "kill -TERM -- -$(cat {stage}.pid) 2>/dev/null; sleep 1; kill -KILL -- -$(cat {stage}.pid) 2>/dev/null; true"
-        );
-        lxd.exec_streaming(
-            &name,
-            &[
-                "setsid",
-                "-w",
-                &self.settings.shell,
-                "-c",
-                &wrapper,
-                &self.settings.shell,
-            ],
-            job.cancel_token(),
-            &["sh", "-c", &stop],
-        )
-        .await
+        let stage_dir = self.stage_dir(&name);
+        if stage_dir.ready() {
+            return stage_dir
+                .run(
+                    &lxd,
+                    &name,
+                    &script.read().await?,
+                    &self.settings.shell,
+                    job.cancel_token(),
+                )
+                .await;
+        }
+        self.run_with_exec(&lxd, &name, job, script).await
     }
 
     async fn cleanup(&self, job: &Job) -> Result<()> {
-        Lxd::connect(self.settings.socket.as_deref())?
-            .delete(&job.names().job())
-            .await
+        let name = job.names().job();
+        self.connect()?.delete(&name).await?;
+        self.stage_dir(&name).remove();
+        Ok(())
     }
 
     async fn gc(&self, request: &GcRequest) -> Result<GcReport> {
-        let lxd = Lxd::connect(self.settings.socket.as_deref())?;
+        let lxd = self.connect()?;
         let mut report = GcReport::default();
         for instance in lxd.instances().await? {
             let labels: BTreeMap<String, String> = instance["config"]
@@ -265,6 +306,7 @@ impl Driver for LxdDriver {
             }
             if !request.dry_run {
                 lxd.delete(&name).await?;
+                self.stage_dir(&name).remove();
             }
             report.removed.push(name);
         }
@@ -272,7 +314,7 @@ impl Driver for LxdDriver {
     }
 
     async fn doctor(&self) -> Result<Vec<Check>> {
-        let lxd = match Lxd::connect(self.settings.socket.as_deref()) {
+        let lxd = match self.connect() {
             Ok(lxd) => lxd,
             Err(err) => return Ok(vec![Check::failed("api", err.to_string())]),
         };
@@ -280,10 +322,31 @@ impl Driver for LxdDriver {
             Ok(version) => Check::ok("api", format!("{version} at {}", lxd.endpoint)),
             Err(err) => return Ok(vec![Check::failed("api", err.to_string())]),
         }];
+        for profile in &self.settings.profiles {
+            checks.push(match lxd.get(&format!("/1.0/profiles/{profile}")).await {
+                Ok(found) => match found["devices"]["root"]["pool"].as_str() {
+                    Some(pool) => {
+                        Check::ok("profile", format!("{profile}, root disk on pool {pool}"))
+                    }
+                    None => Check::ok(
+                        "profile",
+                        format!("{profile} (no root disk: another profile must give one)"),
+                    ),
+                },
+                Err(err) => Check::failed("profile", err.to_string()),
+            });
+        }
+        if !lxd.is_local() {
+            let pool = &self.settings.storage_pool;
+            checks.push(match lxd.get(&format!("/1.0/storage-pools/{pool}")).await {
+                Ok(_) => Check::ok("storage_pool", format!("{pool} (cache volumes)")),
+                Err(err) => Check::failed("storage_pool", err.to_string()),
+            });
+        }
         for (job_image, image) in &self.settings.images {
-            checks.push(match lxd.image_exists(image).await {
-                Ok(true) => Check::ok("image", format!("{job_image} -> {image}")),
-                Ok(false) => Check::failed(
+            checks.push(match lxd.image_source(image).await {
+                Ok(Some(_)) => Check::ok("image", format!("{job_image} -> {image}")),
+                Ok(None) => Check::failed(
                     "image",
                     format!("{image} (for {job_image}) is not imported; `lxc image import` it"),
                 ),
@@ -300,18 +363,114 @@ impl Driver for LxdDriver {
                 )
             });
         }
-        checks.push(match self.cache_dir() {
-            Ok(dir) => Check::ok("cache", dir.display().to_string()),
-            Err(err) => Check::failed("cache", err.to_string()),
-        });
+        if lxd.is_local() {
+            let cache = self.settings.state_dir.join("cache");
+            checks.push(match std::fs::create_dir_all(&cache) {
+                Ok(()) => Check::ok("cache", cache.display().to_string()),
+                Err(err) => {
+                    Check::failed("cache", format!("cannot create {}: {err}", cache.display()))
+                }
+            });
+        }
         Ok(checks)
     }
 }
 
 impl LxdDriver {
-    /// The host cache directory, writable by the shifted root of unprivileged containers.
-    fn cache_dir(&self) -> Result<PathBuf> {
-        let dir = self.settings.state_dir.join("cache");
+    /// A client of the configured daemon: the remote one when `url` is set, else the socket.
+    fn connect(&self) -> Result<Lxd> {
+        let settings = &self.settings;
+        let Some(url) = &settings.url else {
+            return Lxd::connect(settings.socket.as_deref());
+        };
+        let missing = |key: &str| {
+            Error::system(format!(
+                "[driver] url is set, so {key} is needed too (see examples/config/drover-lxd.toml)"
+            ))
+        };
+        Lxd::connect_https(&Remote {
+            url,
+            client_cert: settings
+                .client_cert
+                .as_deref()
+                .ok_or_else(|| missing("client_cert"))?,
+            client_key: settings
+                .client_key
+                .as_deref()
+                .ok_or_else(|| missing("client_key"))?,
+            server_fingerprint: settings
+                .server_fingerprint
+                .as_deref()
+                .ok_or_else(|| missing("server_fingerprint"))?,
+        })
+    }
+
+    /// The script is copied in with the files API and run by the job's shell in a session of
+    /// its own (setsid), so a cancel can stop its whole process group inside the instance.
+    async fn run_with_exec(
+        &self,
+        lxd: &Lxd,
+        name: &str,
+        job: &Job,
+        script: &Script,
+    ) -> Result<i32> {
+        let stage = format!("/tmp/drover-{:016x}", fastrand::u64(..));
+        lxd.push_file(name, &format!("{stage}.sh"), script.read().await?, "0700")
+            .await?;
+        let wrapper = format!(
+            "echo $$ > {stage}.pid; \"$0\" {stage}.sh </dev/null; status=$?; rm -f {stage}.sh {stage}.pid; exit $status"
+        );
+        let stop = format!(
+            "kill -TERM -- -$(cat {stage}.pid) 2>/dev/null; sleep 1; kill -KILL -- -$(cat {stage}.pid) 2>/dev/null; true"
+        );
+        lxd.exec_streaming(
+            name,
+            &[
+                "setsid",
+                "-w",
+                &self.settings.shell,
+                "-c",
+                &wrapper,
+                &self.settings.shell,
+            ],
+            job.cancel_token(),
+            // The job's shell: dash's `kill` takes no process group (see `stages`).
+            &[&self.settings.shell, "-c", &stop],
+        )
+        .await
+    }
+
+    /// The host side of instance `name`'s stage directory.
+    fn stage_dir(&self, name: &str) -> StageDir {
+        StageDir::new(&self.settings.state_dir, name)
+    }
+
+    /// The cache at `/cache`, one per project, named from the trusted identity (§1.3) so a
+    /// job sees no other project's cache (§8): a host directory of a local daemon, a custom
+    /// storage volume of a remote one (whose host paths the driver cannot reach).
+    async fn cache_device(&self, lxd: &Lxd, job: &Job) -> Result<Value> {
+        if lxd.is_local() {
+            let dir = self.cache_dir(job)?;
+            return Ok(
+                json!({"type": "disk", "source": dir.display().to_string(), "path": CACHE_DIR}),
+            );
+        }
+        let volume = job.names().project_scoped("cache");
+        lxd.ensure_volume(&self.settings.storage_pool, &volume)
+            .await?;
+        Ok(
+            json!({"type": "disk", "pool": self.settings.storage_pool, "source": volume, "path": CACHE_DIR}),
+        )
+    }
+
+    /// The project's host cache directory, writable by the shifted root of unprivileged
+    /// containers.
+    fn cache_dir(&self, job: &Job) -> Result<PathBuf> {
+        let dir = self
+            .settings
+            .state_dir
+            .join("cache")
+            .join(format!("p{}", job.identity().project_id));
         std::fs::create_dir_all(&dir).or_system(format_args!("cannot create {}", dir.display()))?;
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
             .or_system(format_args!("cannot set the mode of {}", dir.display()))?;
@@ -338,4 +497,35 @@ impl LxdDriver {
 
 fn main() -> std::process::ExitCode {
     drover_core::run::<LxdDriver>()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn the_example_settings_load_and_a_remote_needs_its_credentials() {
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/config/drover-lxd.toml");
+        let settings = Settings::<LxdSettings>::load(Some(&example), &BTreeMap::new())
+            .expect("the example loads");
+        assert_eq!(
+            settings.driver.images["debian:bookworm"],
+            "ci/debian-bookworm"
+        );
+
+        let mut remote = settings.driver.clone();
+        remote.url = Some("https://127.0.0.1:8443".into());
+        let err = LxdDriver { settings: remote }
+            .connect()
+            .err()
+            .expect("no credentials");
+        assert!(
+            err.to_string().contains("so client_cert is needed too"),
+            "{err}"
+        );
+    }
 }

@@ -10,6 +10,13 @@ use serde_json::json;
 use tempfile::TempDir;
 use tokio::time::timeout;
 
+/// A plain-HTTP client. In the workspace reqwest carries rustls without a crypto provider
+/// (drover-lxd brings ring for HTTPS to LXD), and reqwest builds no client without one.
+fn client() -> Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Client::new()
+}
+
 /// Upper bound for any single wait in these tests.
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -103,7 +110,7 @@ async fn put_job(
 #[tokio::test]
 async fn job_request_answers_204_403_and_201_with_json() {
     let (coordinator, _storage) = start().await;
-    let client = Client::new();
+    let client = client();
     let runner_token = coordinator.runner_token().to_owned();
     assert!(runner_token.starts_with("glrt-") && runner_token.len() >= 14);
     let request = || client.post(api(&coordinator, "jobs/request"));
@@ -160,7 +167,7 @@ async fn job_request_answers_204_403_and_201_with_json() {
 #[tokio::test]
 async fn trace_patches_append_dedupe_overlaps_and_reject_gaps() {
     let (coordinator, _storage) = start().await;
-    let client = Client::new();
+    let client = client();
     // Subscribed before the job exists, as a test does before starting the runner.
     let mut stream = coordinator.trace_stream(21);
     coordinator.enqueue(job(21, "tok-21"));
@@ -239,7 +246,7 @@ async fn trace_patches_append_dedupe_overlaps_and_reject_gaps() {
 #[tokio::test]
 async fn cancel_and_abort_show_in_job_status() {
     let (coordinator, _storage) = start().await;
-    let client = Client::new();
+    let client = client();
     coordinator.enqueue(job(31, "tok-31"));
     let touch = json!({"state": "running", "token": "tok-31", "output": {"bytesize": 0}});
 
@@ -269,7 +276,7 @@ async fn cancel_and_abort_show_in_job_status() {
 #[tokio::test]
 async fn final_update_is_recorded_and_wakes_waiters() {
     let (coordinator, _storage) = start().await;
-    let client = Client::new();
+    let client = client();
     coordinator.enqueue(job(41, "tok-41"));
 
     // v17.9.3 puts the job token in `PRIVATE-TOKEN` (and the body).
@@ -354,7 +361,7 @@ async fn final_update_is_recorded_and_wakes_waiters() {
 #[tokio::test]
 async fn artifacts_upload_streamed_multipart_and_download_with_any_known_token() {
     let (coordinator, storage) = start().await;
-    let client = Client::new();
+    let client = client();
     coordinator.enqueue(job(51, "tok-51"));
     coordinator.enqueue(job(52, "tok-52"));
     let download = |token: &str, query: &str| {
@@ -430,7 +437,7 @@ async fn artifacts_upload_streamed_multipart_and_download_with_any_known_token()
 #[tokio::test]
 async fn unknown_endpoints_are_404_and_recorded() {
     let (coordinator, _storage) = start().await;
-    let client = Client::new();
+    let client = client();
 
     let verify = send(client.post(api(&coordinator, "runners/verify"))).await;
     assert_eq!(verify.status(), StatusCode::OK);

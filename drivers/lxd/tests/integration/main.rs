@@ -2,8 +2,12 @@
 //! `drover` CLI's emulated runner). Every test skips with one line when no daemon answers;
 //! `tests/install-and-test.sh` sets LXD up and imports the test image.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
+
+use drover_harness::setup::DriverSetup;
+
+mod remote;
 
 const DRIVER: &str = env!("CARGO_BIN_EXE_drover-lxd");
 const SOCKET: &str = "/var/lib/lxd/unix.socket";
@@ -24,81 +28,41 @@ fn lxd(test: &str) -> bool {
     answers
 }
 
-fn drover() -> PathBuf {
-    let path = Path::new(DRIVER).with_file_name("drover");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo test --workspace`",
-        path.display()
-    );
-    path
+/// A settings file for the daemon on `socket` and a runner name of its own, so leftovers are
+/// attributable to one test; `driver` is more `[driver]` TOML.
+fn new_setup(test: &str, socket: &str, driver: &str) -> DriverSetup {
+    connected_setup(test, &format!("socket = {socket:?}"), driver)
 }
 
-/// A settings file with a runner name of its own, so leftovers are attributable to one test.
-struct Setup {
-    dir: tempfile::TempDir,
-    runner: String,
-}
-
-impl Setup {
-    fn new(test: &str, socket: &str, driver: &str) -> Setup {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let runner = format!("{test}-{}", std::process::id());
-        let text = format!(
+/// Settings whose `[driver]` table starts with `connection` (TOML lines).
+fn connected_setup(test: &str, connection: &str, driver: &str) -> DriverSetup {
+    DriverSetup::new(DRIVER, test, leftovers, |runner, state| {
+        format!(
             "runner_name = \"{runner}\"\n\
-             [driver]\nsocket = {socket:?}\nstate_dir = {state:?}\n{driver}\n\
+             [driver]\n{connection}\nstate_dir = {state:?}\n{driver}\n\
              [driver.images]\n\"debian:bookworm\" = \"{IMAGE}\"\n\
-             [policy]\ndefault_image = \"debian:bookworm\"\nallowed_images = [\"debian:*\", \"missing:*\"]\n",
-            state = dir.path().join("state"),
-        );
-        std::fs::write(dir.path().join("lxd.toml"), text).expect("settings");
-        Setup { dir, runner }
-    }
-
-    fn drover(&self, args: &[&str]) -> (bool, String) {
-        let output = Command::new(drover())
-            .args(args)
-            .args([
-                "--driver",
-                DRIVER,
-                "--driver-arg",
-                "--config",
-                "--driver-arg",
-            ])
-            .arg(self.dir.path().join("lxd.toml"))
-            .output()
-            .expect("drover runs");
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
+             [policy]\ndefault_image = \"debian:bookworm\"\nallowed_images = [\"debian:*\", \"missing:*\"]\n"
         )
-    }
+    })
+}
 
-    fn run_job(&self, yaml: &str) -> (bool, String) {
-        let job = self.dir.path().join("job.yml");
-        std::fs::write(&job, yaml).expect("job file");
-        let job = job.to_string_lossy().into_owned();
-        self.drover(&["run-job", &job, "--runner", "emulated"])
-    }
-
-    /// Instances of this runner still on the daemon.
-    fn leftovers(&self) -> Vec<String> {
-        let output = Command::new("lxc")
-            .args([
-                "list",
-                "--format",
-                "csv",
-                "-c",
-                "n",
-                &format!("user.drover.runner={}", self.runner),
-            ])
-            .output()
-            .expect("lxc list");
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
+/// Instances of `runner` still on the daemon.
+fn leftovers(runner: &str) -> Vec<String> {
+    let output = Command::new("lxc")
+        .args([
+            "list",
+            "--format",
+            "csv",
+            "-c",
+            "n",
+            &format!("user.drover.runner={runner}"),
+        ])
+        .output()
+        .expect("lxc list");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
@@ -106,7 +70,7 @@ fn passes_the_conformance_suite_and_leaves_nothing_behind() {
     if !lxd("passes_the_conformance_suite_and_leaves_nothing_behind") {
         return;
     }
-    let setup = Setup::new("conformance", SOCKET, "");
+    let setup = new_setup("conformance", SOCKET, "");
     let (ok, log) = setup.drover(&["conformance"]);
     assert!(ok, "{log}");
     assert!(log.contains(" passed, 0 failed"), "{log}");
@@ -128,7 +92,7 @@ fn cache_written_by_one_job_is_restored_by_the_next_without_gitlab_runner_in_the
         "from the operator's device\n",
     )
     .expect("note");
-    let setup = Setup::new(
+    let setup = new_setup(
         "cache",
         SOCKET,
         &format!(
@@ -139,7 +103,7 @@ fn cache_written_by_one_job_is_restored_by_the_next_without_gitlab_runner_in_the
     let yaml = "stages: [build, test]\n\
         build:\n  stage: build\n  script: [mkdir -p vendor, echo \"kept by job $CI_JOB_ID\" > vendor/deps.txt]\n  cache: {key: deps, paths: [vendor/]}\n\
         test:\n  stage: test\n  script: [cat vendor/deps.txt, cat /shared/note.txt]\n  cache: {key: deps, paths: [vendor/]}\n";
-    let (ok, log) = setup.run_job(yaml);
+    let (ok, log) = setup.run_job(yaml, &[]);
     assert!(ok, "{log}");
     assert!(
         log.contains("Copying gitlab-runner into the instance"),
@@ -148,6 +112,10 @@ fn cache_written_by_one_job_is_restored_by_the_next_without_gitlab_runner_in_the
     assert!(
         log.contains("kept by job"),
         "the cache was not restored: {log}"
+    );
+    assert!(
+        !log.contains("Preparation failed"),
+        "prepare had to be retried: {log}"
     );
     assert!(log.contains("from the operator's device"), "{log}");
     assert_eq!(setup.leftovers(), Vec::<String>::new());
@@ -158,8 +126,8 @@ fn a_missing_socket_and_an_unknown_image_are_clear_system_failures() {
     if !lxd("a_missing_socket_and_an_unknown_image_are_clear_system_failures") {
         return;
     }
-    let setup = Setup::new("nosocket", "/nonexistent/lxd.socket", "");
-    let (ok, log) = setup.run_job("x:\n  script: [echo never]\n");
+    let setup = new_setup("nosocket", "/nonexistent/lxd.socket", "");
+    let (ok, log) = setup.run_job("x:\n  script: [echo never]\n", &[]);
     assert!(!ok);
     assert!(
         log.contains("the LXD socket /nonexistent/lxd.socket does not exist"),
@@ -167,8 +135,8 @@ fn a_missing_socket_and_an_unknown_image_are_clear_system_failures() {
     );
     assert!(log.contains("result: runner_system_failure"), "{log}");
 
-    let setup = Setup::new("noimage", SOCKET, "");
-    let (ok, log) = setup.run_job("x:\n  image: missing:1\n  script: [echo never]\n");
+    let setup = new_setup("noimage", SOCKET, "");
+    let (ok, log) = setup.run_job("x:\n  image: missing:1\n  script: [echo never]\n", &[]);
     assert!(!ok);
     assert!(log.contains("no LXD image \"missing:1\""), "{log}");
     assert!(log.contains("result: runner_system_failure"), "{log}");
@@ -198,7 +166,7 @@ async fn artifacts_upload_from_an_image_that_had_no_gitlab_runner() {
         .expect("coordinator");
     let port = coordinator.addr().port();
     // The instance has no network: a proxy device brings drover's fake GitLab to its 127.0.0.1.
-    let setup = Setup::new(
+    let setup = new_setup(
         "artifacts",
         SOCKET,
         &format!(
@@ -212,9 +180,7 @@ async fn artifacts_upload_from_an_image_that_had_no_gitlab_runner() {
         test:\n  stage: test\n  script: [cat out/result.txt]\n";
     let file = JobFile::parse(yaml).expect("job file");
     let jobs = file.jobs_in_stage_order();
-    let driver = Driver::new(DRIVER)
-        .arg("--config")
-        .arg(setup.dir.path().join("lxd.toml"));
+    let driver = Driver::new(DRIVER).arg("--config").arg(setup.settings());
     let outcome = tokio::time::timeout(
         std::time::Duration::from_secs(300),
         run_pipeline(
@@ -249,5 +215,63 @@ async fn artifacts_upload_from_an_image_that_had_no_gitlab_runner() {
         .collect();
     assert_eq!(uploads.len(), 1, "{uploads:?}");
     assert_eq!(uploads[0].status, 201);
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn gc_removes_only_expired_jobs_and_doctor_reports_the_daemon() {
+    let test = "gc_removes_only_expired_jobs_and_doctor_reports_the_daemon";
+    if !lxd(test) {
+        return;
+    }
+    let setup = new_setup("gc", SOCKET, "");
+    setup.abandon_an_expired_job();
+    let instance = format!("drover-{}-p5-j99001", setup.runner);
+    assert_eq!(setup.leftovers(), vec![instance.clone()]);
+    let stage_dir = setup.dir.path().join("state/io").join(&instance);
+    assert!(stage_dir.exists(), "prepare made no stage directory");
+    setup.expect_gc_removes(&instance);
+    assert!(!stage_dir.exists(), "gc left the stage directory");
+
+    let doctor = setup.driver(&["doctor"]);
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(doctor.status.success(), "{text}");
+    assert!(text.contains("ok   api: lxd "), "{text}");
+    assert!(
+        text.contains("ok   profile: default, root disk on pool default"),
+        "{text}"
+    );
+
+    let broken = new_setup("doctor", SOCKET, "profiles = [\"drover-no-such-profile\"]");
+    let doctor = broken.driver(&["doctor"]);
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(!doctor.status.success(), "{text}");
+    assert!(text.contains("drover-no-such-profile"), "{text}");
+}
+
+#[test]
+fn the_real_runner_runs_jobs_with_their_exit_codes_and_leaves_nothing() {
+    let test = "the_real_runner_runs_jobs_with_their_exit_codes_and_leaves_nothing";
+    if !lxd(test) {
+        return;
+    }
+    let Some(runner) = std::env::var("GITLAB_RUNNER_BIN")
+        .ok()
+        .filter(|p| !p.is_empty())
+    else {
+        eprintln!("skipped {test}: no GitLab Runner binary (set GITLAB_RUNNER_BIN)");
+        return;
+    };
+    let setup = new_setup("realrunner", SOCKET, "");
+    let yaml = "ok:\n  script: [echo \"hello $((6*7))\"]\n\
+        fails:\n  script: [echo before, exit 3]\n  after_script: [echo \"after $((6*7))\"]\n";
+    let (_, log) = setup.run_job(yaml, &["--runner", "real", "--gitlab-runner", &runner]);
+    assert!(log.contains("\nhello 42"), "{log}");
+    assert!(log.contains("\nafter 42"), "{log}");
+    assert!(log.contains("Job ok result: success"), "{log}");
+    assert!(
+        log.contains("Job fails result: script_failure (exit code 3)"),
+        "{log}"
+    );
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
