@@ -34,13 +34,14 @@ pub const IO_DIR: &str = "/drover-io";
 
 /// The dispatcher, run by `sh` with the job's shell as `$1`. It holds `wake` open read-write
 /// (so it never sees EOF, and the driver can tell it is alive: opening `wake` for writing
-/// without blocking fails when nobody reads it). `setsid` makes the script a process group of
+/// without blocking fails when nobody reads it); the scripts do not inherit it, or a script
+/// would keep it looking alive after it died. `setsid` makes the script a process group of
 /// its own, which a cancel stops as a whole.
 const DISPATCHER: &str = r#"io=/drover-io
 exec 3<>"$io/wake"
 while read -r nonce <&3; do
   stage=$io/$nonce
-  setsid "$1" "$stage.sh" </dev/null >"$stage.out" 2>"$stage.err" &
+  setsid "$1" "$stage.sh" </dev/null >"$stage.out" 2>"$stage.err" 3<&- &
   echo $! >"$stage.pid"
   wait $!
   echo $? >"$stage.status"

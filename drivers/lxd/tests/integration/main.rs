@@ -275,3 +275,22 @@ fn the_real_runner_runs_jobs_with_their_exit_codes_and_leaves_nothing() {
     );
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
+
+#[test]
+fn a_job_that_kills_the_stage_dispatcher_is_a_clear_system_failure() {
+    let test = "a_job_that_kills_the_stage_dispatcher_is_a_clear_system_failure";
+    if !lxd(test) {
+        return;
+    }
+    // The script outlives the dispatcher (it is in a session of its own): the driver must
+    // notice on its own that no exit status can come any more, not wait for the script.
+    let setup = new_setup("dispatcher", SOCKET, "");
+    let (ok, log) = setup.run_job(
+        "x:\n  script: [pkill -f drover-dispatcher, sleep 600]\n",
+        &[],
+    );
+    assert!(!ok);
+    assert!(log.contains("stopped before the script ended"), "{log}");
+    assert!(log.contains("result: runner_system_failure"), "{log}");
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
