@@ -270,25 +270,31 @@ impl Lxd {
         }
     }
 
+    /// One call, and its background operation waited for; returns the operation's metadata.
+    async fn call_and_wait(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value> {
+        let answer = self.call(method, path, body).await?;
+        self.wait(&answer).await
+    }
+
     /// Creates an instance (not started) from `body` (`POST /1.0/instances`).
     pub async fn create(&self, body: &Value) -> Result<()> {
-        let answer = self
-            .call(Method::POST, "/1.0/instances", Some(body))
-            .await?;
-        self.wait(&answer).await.map(|_| ())
+        self.call_and_wait(Method::POST, "/1.0/instances", Some(body))
+            .await
+            .map(|_| ())
     }
 
     /// Starts or stops an instance.
     pub async fn set_state(&self, name: &str, action: &str) -> Result<()> {
         let body = json!({"action": action, "timeout": 30, "force": true});
-        let answer = self
-            .call(
-                Method::PUT,
-                &format!("/1.0/instances/{name}/state"),
-                Some(&body),
-            )
-            .await?;
-        self.wait(&answer).await.map(|_| ())
+        let path = format!("/1.0/instances/{name}/state");
+        self.call_and_wait(Method::PUT, &path, Some(&body))
+            .await
+            .map(|_| ())
     }
 
     /// Stops and deletes an instance; one that is already gone is fine (cleanup runs more
@@ -323,10 +329,9 @@ impl Lxd {
                 }
             }
         }
-        let answer = self
-            .call(Method::DELETE, &format!("/1.0/instances/{name}"), None)
-            .await?;
-        self.wait(&answer).await.map(|_| ())
+        self.call_and_wait(Method::DELETE, &format!("/1.0/instances/{name}"), None)
+            .await
+            .map(|_| ())
     }
 
     /// The metadata of any object of the API, e.g. `/1.0/profiles/default`.
@@ -398,14 +403,8 @@ impl Lxd {
     /// Runs `command` and returns its exit status, its output discarded.
     pub async fn exec_quiet(&self, name: &str, command: &[&str]) -> Result<i32> {
         let body = json!({"command": command, "wait-for-websocket": false, "interactive": false, "record-output": false});
-        let answer = self
-            .call(
-                Method::POST,
-                &format!("/1.0/instances/{name}/exec"),
-                Some(&body),
-            )
-            .await?;
-        let done = self.wait(&answer).await?;
+        let path = format!("/1.0/instances/{name}/exec");
+        let done = self.call_and_wait(Method::POST, &path, Some(&body)).await?;
         exit_status(&done)
     }
 

@@ -1,10 +1,12 @@
 //! `drover-lxd`: each GitLab job in its own LXD (or Incus) instance, through the REST API on
-//! the daemon's unix socket. No `lxc` or `incus` CLI is involved.
+//! the daemon's unix socket or over HTTPS to a remote daemon (see `tls`). No `lxc` or `incus`
+//! CLI is involved.
 //!
 //! Per job one instance, `drover-<runner>-p<project>-j<job>`, named from the job's trusted
 //! identity and labelled with `user.drover.*` config keys (runner, project, job, expiry) for
-//! `gc`. The cache is a host directory attached as a disk device at `/cache`, so it survives
-//! the instance (contract §8). Section numbers (§) refer to `contract.md`.
+//! `gc`. Stages go to a dispatcher in the instance where it can share a host directory, else
+//! to an exec each (see `stages`). The cache is a disk device at `/cache`, one per project, so
+//! it survives the instance (contract §8). Section numbers (§) refer to `contract.md`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -28,7 +30,7 @@ use stages::StageDir;
 
 /// The `builds_dir` inside every instance (§2).
 const BUILDS_DIR: &str = "/builds";
-/// The `cache_dir` inside every instance: a host directory (§8).
+/// The `cache_dir` inside every instance: the project's cache device (§8).
 const CACHE_DIR: &str = "/cache";
 /// Where the operator's `gitlab-runner` goes when the image lacks one (§8).
 const RUNNER_IN_INSTANCE: &str = "/usr/local/bin/gitlab-runner";

@@ -13,6 +13,7 @@
 //!
 //! Section numbers (§) refer to the project's `contract.md`.
 
+pub mod bench;
 pub mod conformance;
 pub mod coordinator;
 pub mod emulated;
