@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 
-use drover_harness::bench::{Backend, Rounds, Side};
+use drover_harness::bench::{Backend, ReadyStart, Rounds, Side};
 
 /// The job `image:` drover-lxd maps to [`ALIAS`].
 const IMAGE: &str = "debian:bookworm";
@@ -36,22 +36,28 @@ fn main() -> ExitCode {
             version: format!("LXD {}", lxd_version()),
             exec_client: "lxc exec",
             daemon: "the LXD daemon",
-            settings: |state| {
-                format!(
-                    "runner_name = {RUNNER:?}\n[driver]\nstate_dir = {state:?}\n[driver.images]\n{IMAGE:?} = {ALIAS:?}\n[policy]\ndefault_image = {IMAGE:?}\n"
-                )
-            },
+            settings: |state| settings(state, 0),
+            ready_start: Some(ReadyStart {
+                settings: |state| settings(state, 1),
+                wait: spare_made,
+                // A spare LXD is still creating refuses deletion: retried, bounded.
+                remove: || {
+                    for _ in 0..240 {
+                        let left = spares();
+                        if left.is_empty() {
+                            return;
+                        }
+                        left.iter().for_each(|spare| delete(spare));
+                        std::thread::sleep(std::time::Duration::from_millis(500));
+                    }
+                },
+            }),
             force_remove: |side, id| {
                 let name = match side {
                     Side::Baseline => format!("baseline-lxd-job-{id}"),
                     Side::Drover => format!("drover-{RUNNER}-p1-j{id}"),
                 };
-                let _ = Command::new("lxc")
-                    .args(["delete", "-f", &name])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
+                delete(&name);
             },
             rounds: Rounds {
                 start: 5,
@@ -61,6 +67,56 @@ fn main() -> ExitCode {
             },
         }
     })
+}
+
+/// drover-lxd's settings, keeping `idle_count` instances ready.
+fn settings(state: &Path, idle_count: usize) -> String {
+    format!(
+        "runner_name = {RUNNER:?}\n[driver]\nstate_dir = {state:?}\nidle_count = {idle_count}\n[driver.images]\n{IMAGE:?} = {ALIAS:?}\n[policy]\ndefault_image = {IMAGE:?}\n"
+    )
+}
+
+/// The ready instances ("spares") of the bench's runner.
+fn spares() -> Vec<String> {
+    let output = Command::new("lxc")
+        .args(["list", "--format", "csv", "-c", "n"])
+        .arg(format!("user.drover.runner={RUNNER}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("lxc list");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|name| name.contains("-spare-"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits up to 120 s until a spare exists that no LXD operation works on any more.
+fn spare_made() -> bool {
+    (0..240).any(|_| {
+        let operations = Command::new("lxc")
+            .args(["query", "/1.0/operations?recursion=1"])
+            .stdin(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let made = spares()
+            .iter()
+            .any(|spare| !operations.contains(&format!("/1.0/instances/{spare}\"")));
+        if !made {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        made
+    })
+}
+
+fn delete(instance: &str) {
+    let _ = Command::new("lxc")
+        .args(["delete", "-f", instance])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 fn lxd_version() -> String {

@@ -228,24 +228,68 @@ impl Lxd {
         ))
     }
 
-    /// The `source` of an instance made from `image`, an alias or a fingerprint (or its
-    /// unique start); None when the daemon has no such image.
-    pub async fn image_source(&self, image: &str) -> Result<Option<Value>> {
-        if self
-            .call(Method::GET, &format!("/1.0/images/aliases/{image}"), None)
-            .await
-            .is_ok()
-        {
-            return Ok(Some(json!({"type": "image", "alias": image})));
+    /// The full fingerprint of `image`, an alias or a fingerprint (or its unique start);
+    /// None when the daemon has no such image.
+    pub async fn image_fingerprint(&self, image: &str) -> Result<Option<String>> {
+        if let Ok(alias) = self.get(&format!("/1.0/images/aliases/{image}")).await {
+            return Ok(alias["target"].as_str().map(str::to_owned));
         }
-        match self
-            .call(Method::GET, &format!("/1.0/images/{image}"), None)
-            .await
-        {
-            Ok(_) => Ok(Some(json!({"type": "image", "fingerprint": image}))),
+        match self.get(&format!("/1.0/images/{image}")).await {
+            Ok(found) => Ok(found["fingerprint"].as_str().map(str::to_owned)),
             Err(err) if err.to_string().contains("(404)") => Ok(None),
             Err(err) => Err(err),
         }
+    }
+
+    /// The instances a running operation works on (being created, started, deleted...).
+    pub async fn busy_instances(&self) -> Result<Vec<String>> {
+        let operations = self.get("/1.0/operations?recursion=1").await?;
+        Ok(operations["running"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|operation| {
+                operation["resources"]["instances"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter_map(|url| {
+                let path = url.as_str()?.split('?').next()?;
+                Some(path.strip_prefix("/1.0/instances/")?.to_owned())
+            })
+            .collect())
+    }
+
+    /// Renames a stopped instance; fails when it is busy or the new name is taken, so of two
+    /// callers renaming the same instance exactly one succeeds.
+    pub async fn rename(&self, name: &str, new_name: &str) -> Result<()> {
+        let body = json!({"name": new_name});
+        self.call_and_wait(Method::POST, &format!("/1.0/instances/{name}"), Some(&body))
+            .await
+            .map(|_| ())
+    }
+
+    /// Replaces an instance's writable configuration (`PUT /1.0/instances/{name}`).
+    pub async fn update(&self, name: &str, body: &Value) -> Result<()> {
+        self.call_and_wait(Method::PUT, &format!("/1.0/instances/{name}"), Some(body))
+            .await
+            .map(|_| ())
+    }
+
+    /// Starts creating an instance from `body` and returns without waiting: the daemon
+    /// finishes the operation on its own after this process has exited.
+    pub async fn create_in_background(&self, body: &Value) -> Result<()> {
+        self.call(Method::POST, "/1.0/instances", Some(body))
+            .await
+            .map(|_| ())
+    }
+
+    /// Starts deleting a stopped instance and returns without waiting.
+    pub async fn delete_in_background(&self, name: &str) -> Result<()> {
+        self.call(Method::DELETE, &format!("/1.0/instances/{name}"), None)
+            .await
+            .map(|_| ())
     }
 
     /// Makes the custom storage volume `name` in `pool` unless it exists.

@@ -22,10 +22,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 mod api;
+mod spares;
 mod stages;
 mod tls;
 
 use api::{Lxd, Remote};
+use spares::Pool;
 use stages::StageDir;
 
 /// The `builds_dir` inside every instance (§2).
@@ -89,6 +91,10 @@ struct LxdSettings {
     /// How long prepare waits for a new instance to accept exec.
     #[serde(default = "default_ready_secs")]
     ready_secs: u64,
+    /// Stopped instances kept ready per image, so a job starts one instead of waiting for a
+    /// create (see `spares`); 0 creates an instance per job.
+    #[serde(default)]
+    idle_count: usize,
 }
 
 fn default_instance_type() -> String {
@@ -113,6 +119,7 @@ fn default_ready_secs() -> u64 {
 
 struct LxdDriver {
     settings: LxdSettings,
+    runner: String,
 }
 
 impl Driver for LxdDriver {
@@ -129,6 +136,7 @@ impl Driver for LxdDriver {
         }
         Ok(LxdDriver {
             settings: settings.driver.clone(),
+            runner: settings.runner_name.clone(),
         })
     }
 
@@ -154,7 +162,7 @@ impl Driver for LxdDriver {
             .unwrap_or_else(|| requested.clone());
         let lxd = self.connect()?;
         progress!("Using {} at {}", lxd.describe().await?, lxd.endpoint);
-        let Some(source) = lxd.image_source(&image).await? else {
+        let Some(fingerprint) = lxd.image_fingerprint(&image).await? else {
             return Err(Error::system(format!(
                 "no LXD image {image:?} (for the job's image {requested:?}); import it or map the name in [driver] images"
             )));
@@ -199,11 +207,33 @@ impl Driver for LxdDriver {
         let body = json!({
             "name": name,
             "type": self.settings.instance_type,
-            "source": source,
+            "source": {"type": "image", "fingerprint": fingerprint},
             "profiles": self.settings.profiles,
             "config": config,
             "devices": devices,
         });
+        let pool = Pool {
+            lxd: &lxd,
+            runner: &self.runner,
+            fingerprint: &fingerprint,
+            size: self.settings.idle_count,
+            instance_type: &self.settings.instance_type,
+            profiles: &self.settings.profiles,
+        };
+        if pool.size > 0 {
+            if let Some(spare) = pool.claim(&name, &body).await {
+                progress!("Using ready instance {spare} (made from {image}) as {name}");
+                return self
+                    .start(
+                        &lxd,
+                        job,
+                        &pool,
+                        share_stage_dir.then_some(&stage_dir),
+                        started,
+                    )
+                    .await;
+            }
+        }
         progress!("Creating instance {name} from {image}");
         // A cancelled earlier attempt may have left its create running inside LXD (the core
         // does not wait for it, §6.3): if the name is taken again, remove it and retry.
@@ -226,33 +256,14 @@ impl Driver for LxdDriver {
             create,
         )
         .await?;
-        lxd.set_state(&name, "start").await?;
-        self.wait_until_ready(&lxd, &name, job).await?;
-        if share_stage_dir {
-            let owner = stages::root_owner(&lxd.instance(&name).await?);
-            if !stage_dir
-                .start(&lxd, &name, &self.settings.shell, owner)
-                .await
-            {
-                progress!(
-                    "The instance does not share {} with this host; each stage runs as an exec",
-                    stage_dir.path().display()
-                );
-            }
-        }
-        if let Some(binary) = &self.settings.gitlab_runner_binary {
-            if !lxd.file_exists(&name, RUNNER_IN_INSTANCE).await? {
-                progress!("Copying gitlab-runner into the instance (the image has none)");
-                let bytes = tokio::fs::read(binary).await.or_system(format_args!(
-                    "cannot read gitlab_runner_binary {}",
-                    binary.display()
-                ))?;
-                lxd.push_file(&name, RUNNER_IN_INSTANCE, bytes, "0755")
-                    .await?;
-            }
-        }
-        progress!("Ready in {:.2} s", started.elapsed().as_secs_f64());
-        Ok(())
+        self.start(
+            &lxd,
+            job,
+            &pool,
+            share_stage_dir.then_some(&stage_dir),
+            started,
+        )
+        .await
     }
 
     /// The script goes to the instance's dispatcher when prepare started one (see `stages`);
@@ -297,11 +308,25 @@ impl Driver for LxdDriver {
                     ))
                 })
                 .collect();
-            if labels.get(LABEL_RUNNER) != Some(&request.runner) || !labels.contains_key(LABEL_JOB)
-            {
+            if labels.get(LABEL_RUNNER) != Some(&request.runner) {
                 continue;
             }
             let name = instance["name"].as_str().unwrap_or_default().to_owned();
+            // Spares have no job and do not expire; they go when the pool is switched off.
+            if spares::is_spare(&instance) {
+                if self.settings.idle_count > 0 {
+                    report.kept += 1;
+                } else {
+                    if !request.dry_run {
+                        lxd.delete(&name).await?;
+                    }
+                    report.removed.push(name);
+                }
+                continue;
+            }
+            if !labels.contains_key(LABEL_JOB) {
+                continue;
+            }
             if !is_expired(&labels, &request.runner, request.now) {
                 report.kept += 1;
                 continue;
@@ -346,7 +371,7 @@ impl Driver for LxdDriver {
             });
         }
         for (job_image, image) in &self.settings.images {
-            checks.push(match lxd.image_source(image).await {
+            checks.push(match lxd.image_fingerprint(image).await {
                 Ok(Some(_)) => Check::ok("image", format!("{job_image} -> {image}")),
                 Ok(None) => Check::failed(
                     "image",
@@ -379,6 +404,50 @@ impl Driver for LxdDriver {
 }
 
 impl LxdDriver {
+    /// Starts the job's instance (created or taken from the spares), waits until it runs
+    /// commands, starts the stage dispatcher when the instance shares `stage_dir`, copies
+    /// gitlab-runner in when needed, and tops the spares up again.
+    async fn start(
+        &self,
+        lxd: &Lxd,
+        job: &Job,
+        pool: &Pool<'_>,
+        stage_dir: Option<&StageDir>,
+        started: Instant,
+    ) -> Result<()> {
+        let name = job.names().job();
+        lxd.set_state(&name, "start").await?;
+        self.wait_until_ready(lxd, &name, job).await?;
+        if let Some(stage_dir) = stage_dir {
+            let owner = stages::root_owner(&lxd.instance(&name).await?);
+            if !stage_dir
+                .start(lxd, &name, &self.settings.shell, owner)
+                .await
+            {
+                progress!(
+                    "The instance does not share {} with this host; each stage runs as an exec",
+                    stage_dir.path().display()
+                );
+            }
+        }
+        if let Some(binary) = &self.settings.gitlab_runner_binary {
+            if !lxd.file_exists(&name, RUNNER_IN_INSTANCE).await? {
+                progress!("Copying gitlab-runner into the instance (the image has none)");
+                let bytes = tokio::fs::read(binary).await.or_system(format_args!(
+                    "cannot read gitlab_runner_binary {}",
+                    binary.display()
+                ))?;
+                lxd.push_file(&name, RUNNER_IN_INSTANCE, bytes, "0755")
+                    .await?;
+            }
+        }
+        if pool.size > 0 {
+            pool.replenish().await;
+        }
+        progress!("Ready in {:.2} s", started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
     /// A client of the configured daemon: the remote one when `url` is set, else the socket.
     fn connect(&self) -> Result<Lxd> {
         let settings = &self.settings;
@@ -521,10 +590,13 @@ mod tests {
 
         let mut remote = settings.driver.clone();
         remote.url = Some("https://127.0.0.1:8443".into());
-        let err = LxdDriver { settings: remote }
-            .connect()
-            .err()
-            .expect("no credentials");
+        let err = LxdDriver {
+            settings: remote,
+            runner: settings.runner_name.clone(),
+        }
+        .connect()
+        .err()
+        .expect("no credentials");
         assert!(
             err.to_string().contains("so client_cert is needed too"),
             "{err}"

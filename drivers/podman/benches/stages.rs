@@ -48,6 +48,7 @@ fn main() -> ExitCode {
                         .status();
                 }
             },
+            ready_start: None,
             rounds: Rounds {
                 start: 11,
                 stage_warmup: 5,

@@ -58,6 +58,19 @@ pub struct Backend {
     pub force_remove: fn(side: Side, job_id: u64),
     /// How many rounds of each measurement.
     pub rounds: Rounds,
+    /// A driver that keeps instances ready for later jobs: its job start from one is measured
+    /// too (against the same baseline).
+    pub ready_start: Option<ReadyStart>,
+}
+
+/// How to measure a job start from an instance kept ready.
+pub struct ReadyStart {
+    /// The driver's settings with the pool of ready instances on, given its `state_dir`.
+    pub settings: fn(state_dir: &Path) -> String,
+    /// Waits, bounded, until an instance is ready; false when none came.
+    pub wait: fn() -> bool,
+    /// Removes the instances kept ready.
+    pub remove: fn(),
 }
 
 /// Rounds per measurement: backends whose jobs start in seconds get fewer.
@@ -109,10 +122,10 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    fn new(backend: &Backend) -> Bench<'_> {
+    fn new(backend: &Backend, settings_text: fn(&Path) -> String) -> Bench<'_> {
         let tmp = tempfile::tempdir().expect("temp dir");
         let settings = tmp.path().join("driver.toml");
-        std::fs::write(&settings, (backend.settings)(&tmp.path().join("state"))).expect("settings");
+        std::fs::write(&settings, settings_text(&tmp.path().join("state"))).expect("settings");
         // Exactly `OUTPUT_BYTES` of line-shaped output (no pipefail: `yes` ends on SIGPIPE).
         let output = format!(
             "#!/usr/bin/env bash\n\nset -o errexit\nyes '{} bench: one line of job output' | head -c {OUTPUT_BYTES}\n",
@@ -222,7 +235,7 @@ pub fn main(backend: impl FnOnce() -> Backend) -> ExitCode {
         return measure_child(&args[1..]);
     }
     let backend = backend();
-    let mut bench = Bench::new(&backend);
+    let mut bench = Bench::new(&backend, backend.settings);
 
     // 1. Job start latency, each job cleaned up before the next.
     let mut start: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
@@ -235,6 +248,23 @@ pub fn main(backend: impl FnOnce() -> Backend) -> ExitCode {
         }
     }
     eprintln!("job start: done");
+    let ready_start = backend.ready_start.as_ref().map(|ready| {
+        let mut warm = Bench::new(&backend, ready.settings);
+        // The first job has no instance ready; it asks for the next one.
+        let (id, _) = warm.prepare(Side::Drover);
+        warm.cleanup(Side::Drover, id);
+        let mut times = Vec::new();
+        for _ in 0..backend.rounds.start {
+            assert!((ready.wait)(), "no instance was made ready");
+            let (id, took) = warm.prepare(Side::Drover);
+            times.push(took);
+            warm.cleanup(Side::Drover, id);
+        }
+        drop(warm);
+        (ready.remove)();
+        eprintln!("job start from a ready instance: done");
+        ms(median(times))
+    });
 
     // 2. Per-run-stage overhead, one prepared job each, against bash on the host.
     let jobs = [
@@ -341,6 +371,16 @@ pub fn main(backend: impl FnOnce() -> Backend) -> ExitCode {
         "ms",
         start_ms,
     );
+    if let Some(ready_ms) = ready_start {
+        row(
+            &format!(
+                "  from a ready instance, median of {}",
+                backend.rounds.start
+            ),
+            "ms",
+            [start_ms[0], ready_ms],
+        );
+    }
     row(
         &format!("job end: cleanup, median of {}", backend.rounds.start),
         "ms",

@@ -294,3 +294,55 @@ fn a_job_that_kills_the_stage_dispatcher_is_a_clear_system_failure() {
     assert!(log.contains("result: runner_system_failure"), "{log}");
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
+
+#[test]
+fn a_ready_instance_starts_the_next_job_and_gc_removes_spares_when_switched_off() {
+    let test = "a_ready_instance_starts_the_next_job_and_gc_removes_spares_when_switched_off";
+    if !lxd(test) {
+        return;
+    }
+    let setup = new_setup("spares", SOCKET, "idle_count = 1");
+    let job = "x:\n  script: [echo \"hello $((6*7))\"]\n";
+    let (ok, log) = setup.run_job(job, &[]);
+    assert!(ok, "{log}");
+    assert!(log.contains("Creating instance"), "{log}");
+    // The spare the first job asked for is created by LXD on its own: wait until it is made.
+    let made = (0..120).any(|_| {
+        let spares = leftovers(&setup.runner);
+        let busy = Command::new("lxc")
+            .args(["query", "/1.0/operations?recursion=1"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let ready = spares.len() == 1 && !busy.contains(&format!("/1.0/instances/{}", spares[0]));
+        if !ready {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        ready
+    });
+    assert!(
+        made,
+        "no ready instance within 120 s: {:?}",
+        leftovers(&setup.runner)
+    );
+
+    let (ok, log) = setup.run_job(job, &[]);
+    assert!(ok, "{log}");
+    assert!(log.contains("Using ready instance"), "{log}");
+    assert!(log.contains("\nhello 42"), "{log}");
+
+    // What is left is the spare made for the next job; with the pool off, gc removes it.
+    let settings = std::fs::read_to_string(setup.settings()).expect("settings");
+    std::fs::write(
+        setup.settings(),
+        settings.replace("idle_count = 1", "idle_count = 0"),
+    )
+    .expect("settings");
+    let gc = setup.driver(&["gc"]);
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
