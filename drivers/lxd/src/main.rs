@@ -171,47 +171,15 @@ impl Driver for LxdDriver {
         // An instance of the same name can only be left from an earlier attempt (§5.1).
         lxd.delete(&name).await?;
 
-        let mut config: serde_json::Map<String, Value> = job
-            .labels()
-            .into_iter()
-            .map(|(key, value)| (format!("{CONFIG_PREFIX}{key}"), Value::String(value)))
-            .collect();
-        if let Some(cpus) = resources.cpus {
-            config.insert("limits.cpu".into(), json!(cpus.ceil().max(1.0).to_string()));
-        }
-        if let Some(memory) = resources.memory_bytes {
-            config.insert("limits.memory".into(), json!(memory.to_string()));
-        }
-        let mut devices = serde_json::Map::new();
-        devices.insert("drover-cache".into(), self.cache_device(&lxd, job).await?);
+        let stage_dir = self.stage_dir(&name);
         // The fast stage path needs FIFOs shared with the instance: a container of a daemon on
         // this host (see `stages`).
-        let stage_dir = self.stage_dir(&name);
-        let share_stage_dir = lxd.is_local() && self.settings.instance_type == "container";
-        if share_stage_dir {
+        let shared =
+            (lxd.is_local() && self.settings.instance_type == "container").then_some(&stage_dir);
+        if let Some(stage_dir) = shared {
             stage_dir.create()?;
-            devices.insert(
-                "drover-io".into(),
-                json!({"type": "disk", "source": stage_dir.path().display().to_string(), "path": stages::IO_DIR}),
-            );
         }
-        for (device, options) in &self.settings.devices {
-            devices.insert(device.clone(), json!(options));
-        }
-        for (index, mount) in resources.mounts.iter().enumerate() {
-            devices.insert(
-                format!("drover-mount-{index}"),
-                json!({"type": "disk", "source": mount.source, "path": mount.target, "readonly": mount.read_only.to_string()}),
-            );
-        }
-        let body = json!({
-            "name": name,
-            "type": self.settings.instance_type,
-            "source": {"type": "image", "fingerprint": fingerprint},
-            "profiles": self.settings.profiles,
-            "config": config,
-            "devices": devices,
-        });
+        let body = self.instance_body(&lxd, job, &fingerprint, shared).await?;
         let pool = Pool {
             lxd: &lxd,
             runner: &self.runner,
@@ -220,50 +188,40 @@ impl Driver for LxdDriver {
             instance_type: &self.settings.instance_type,
             profiles: &self.settings.profiles,
         };
-        if pool.size > 0 {
-            if let Some(spare) = pool.claim(&name, &body).await {
-                progress!("Using ready instance {spare} (made from {image}) as {name}");
-                return self
-                    .start(
-                        &lxd,
-                        job,
-                        &pool,
-                        share_stage_dir.then_some(&stage_dir),
-                        started,
-                    )
-                    .await;
+        let spare = match pool.size {
+            0 => None,
+            _ => pool.claim(&name, &body).await,
+        };
+        match spare {
+            Some(spare) => progress!("Using ready instance {spare} (made from {image}) as {name}"),
+            None => {
+                progress!("Creating instance {name} from {image}");
+                // A cancelled earlier attempt may have left its create running inside LXD (the
+                // core does not wait for it, §6.3): if the name is taken again, remove it and
+                // retry.
+                let create = || async {
+                    match lxd.create(&body).await {
+                        Err(err) if err.to_string().contains("already exists") => {
+                            lxd.delete(&name).await?;
+                            Err(Error::transient(format!(
+                                "instance {name} was still being created by an earlier attempt"
+                            )))
+                        }
+                        other => other,
+                    }
+                };
+                let deadline = Some(job.deadline());
+                retry(
+                    "creating the instance",
+                    Backoff::default(),
+                    deadline,
+                    job.cancel_token(),
+                    create,
+                )
+                .await?;
             }
         }
-        progress!("Creating instance {name} from {image}");
-        // A cancelled earlier attempt may have left its create running inside LXD (the core
-        // does not wait for it, §6.3): if the name is taken again, remove it and retry.
-        let create = || async {
-            match lxd.create(&body).await {
-                Err(err) if err.to_string().contains("already exists") => {
-                    lxd.delete(&name).await?;
-                    Err(Error::transient(format!(
-                        "instance {name} was still being created by an earlier attempt"
-                    )))
-                }
-                other => other,
-            }
-        };
-        retry(
-            "creating the instance",
-            Backoff::default(),
-            Some(job.deadline()),
-            job.cancel_token(),
-            create,
-        )
-        .await?;
-        self.start(
-            &lxd,
-            job,
-            &pool,
-            share_stage_dir.then_some(&stage_dir),
-            started,
-        )
-        .await
+        self.start(&lxd, job, &pool, shared, started).await
     }
 
     /// The script goes to the instance's dispatcher when prepare started one (see `stages`);
@@ -404,6 +362,54 @@ impl Driver for LxdDriver {
 }
 
 impl LxdDriver {
+    /// The create body of the job's instance: its labels and limits, the cache, the stage
+    /// directory when shared, the operator's devices and the offered mounts.
+    async fn instance_body(
+        &self,
+        lxd: &Lxd,
+        job: &Job,
+        fingerprint: &str,
+        stage_dir: Option<&StageDir>,
+    ) -> Result<Value> {
+        let resources = job.resources()?;
+        let mut config: serde_json::Map<String, Value> = job
+            .labels()
+            .into_iter()
+            .map(|(key, value)| (format!("{CONFIG_PREFIX}{key}"), Value::String(value)))
+            .collect();
+        if let Some(cpus) = resources.cpus {
+            config.insert("limits.cpu".into(), json!(cpus.ceil().max(1.0).to_string()));
+        }
+        if let Some(memory) = resources.memory_bytes {
+            config.insert("limits.memory".into(), json!(memory.to_string()));
+        }
+        let mut devices = serde_json::Map::new();
+        devices.insert("drover-cache".into(), self.cache_device(lxd, job).await?);
+        if let Some(stage_dir) = stage_dir {
+            devices.insert(
+                "drover-io".into(),
+                json!({"type": "disk", "source": stage_dir.path().display().to_string(), "path": stages::IO_DIR}),
+            );
+        }
+        for (device, options) in &self.settings.devices {
+            devices.insert(device.clone(), json!(options));
+        }
+        for (index, mount) in resources.mounts.iter().enumerate() {
+            devices.insert(
+                format!("drover-mount-{index}"),
+                json!({"type": "disk", "source": mount.source, "path": mount.target, "readonly": mount.read_only.to_string()}),
+            );
+        }
+        Ok(json!({
+            "name": job.names().job(),
+            "type": self.settings.instance_type,
+            "source": {"type": "image", "fingerprint": fingerprint},
+            "profiles": self.settings.profiles,
+            "config": config,
+            "devices": devices,
+        }))
+    }
+
     /// Starts the job's instance (created or taken from the spares), waits until it runs
     /// commands, starts the stage dispatcher when the instance shares `stage_dir`, copies
     /// gitlab-runner in when needed, and tops the spares up again.
