@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use drover_core::fifo::{FIFO_CHUNK, Fifo, FifoAccess};
-use drover_core::{Error, Result, Stream, write_all};
+use drover_core::{Error, Result, Stream, progress, write_all};
 use nix::unistd::{Gid, Uid};
 use tokio_util::sync::CancellationToken;
 
@@ -111,6 +111,11 @@ impl StageDir {
             .map_err(|err| fail(&err))?;
         nix::unistd::chown(&wake, uid, gid).map_err(|err| fail(&err))?;
         nix::unistd::chown(&self.dir, uid, gid).map_err(|err| fail(&err))?;
+        self.launch(lxd, name, shell).await
+    }
+
+    /// Starts a dispatcher in the instance and waits, bounded, until it reads `wake`.
+    async fn launch(&self, lxd: &Lxd, name: &str, shell: &str) -> Result<()> {
         lxd.exec_quiet(name, &["sh", "-c", LAUNCHER, DISPATCHER, shell])
             .await?;
         let deadline = Instant::now() + DISPATCHER_START;
@@ -160,12 +165,21 @@ impl StageDir {
         let mut status = Fifo::create(with_suffix("status"), owner)?;
         let script_path = with_suffix("sh");
         self.write_script(&script_path, script, owner)?;
-        let started = self.wake(&nonce);
-        if let Err(err) = started {
-            let _ = std::fs::remove_file(&script_path);
-            return Err(Error::system(format!(
-                "the stage dispatcher in instance {name} is not running ({err}); was it killed by an earlier stage?"
-            )));
+        // A dispatcher that an earlier stage of the job killed is started again.
+        if self.wake(&nonce).is_err() {
+            progress!("The stage dispatcher in instance {name} was gone; starting it again");
+            let woken = match self.launch(lxd, name, shell).await {
+                Ok(()) => self
+                    .wake(&nonce)
+                    .map_err(|err| Error::system(err.to_string())),
+                Err(err) => Err(err),
+            };
+            if let Err(err) = woken {
+                let _ = std::fs::remove_file(&script_path);
+                return Err(Error::system(format!(
+                    "the stage dispatcher in instance {name} is not running and did not start again: {err}"
+                )));
+            }
         }
         let (mut out_buf, mut err_buf) = (vec![0u8; FIFO_CHUNK], vec![0u8; FIFO_CHUNK]);
         let mut status_buf = Vec::new();
