@@ -52,23 +52,14 @@ LXD_TAR=$CACHE/lxd-$RECIPE.tar
 # Goes into the image's description property: a rerun compares it to find an image built from an
 # older recipe and replaces it.
 DESCRIPTION="drover test image ($RECIPE; no git, no gitlab-runner)"
-IMAGE_PATH_ENV=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export DEBIAN_FRONTEND=noninteractive
 # The lxc client keeps its configuration under $HOME/.config/lxc; CI may run us without HOME.
 export HOME=${HOME:-/root}
 
-now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
-t0=$(now_ms)
-step_start=$t0
-say() { # one summary line per step, with the step's duration
-    local now; now=$(now_ms)
-    printf 'lxd setup: %s (%d.%01d s)\n' "$*" $(( (now - step_start) / 1000 )) $(( (now - step_start) % 1000 / 100 ))
-    step_start=$now
-}
-die() { echo "lxd setup: ERROR: $*" >&2; exit 1; }
+SETUP_NAME="lxd setup"
+# shellcheck source=tests/setup/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-[ "$(id -u)" = 0 ] || die "must run as root (installs packages, runs the LXD daemon)"
-command -v apt-get >/dev/null || die "needs apt-get (Debian)"
+require_root_debian "installs packages, runs the LXD daemon"
 
 # Work directory for image builds, on the cache's file system. Removed on exit however we exit
 # (and the check instance with it). --one-file-system: if a killed debootstrap ever left proc/sys
@@ -91,22 +82,9 @@ flock -w 900 9 || die "another tests/setup/lxd.sh has held /var/cache/drover/lxd
 # ---------------------------------------------------------------------------------------------
 # 1. Packages, without recommends as backends.md installed and tested them. debootstrap builds the
 #    image (no registry reachable), curl asks the API socket. busybox-static is not installed on
-#    the host: its .deb is only downloaded and unpacked into the image (step 4).
-#    apt-get update (about 1 s) only when something is missing. DPkg::Lock::Timeout: wait
-#    (bounded) instead of failing if another apt is running.
-need=()
-for pkg in lxd lxd-client debootstrap curl tar openssl; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
-done
-if [ "${#need[@]}" -gt 0 ]; then
-    apt-get -o DPkg::Lock::Timeout=300 update -qq
-    # Its output only on failure (a successful install still prints debconf notes on stderr).
-    out=$(apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" </dev/null 2>&1) \
-        || { printf '%s\n' "$out" >&2; die "apt-get install ${need[*]} failed (output above)"; }
-    say "installed ${need[*]}"
-else
-    say "packages present (lxd lxd-client debootstrap curl tar openssl)"
-fi
+#    the host: its .deb is only downloaded and unpacked into the image (step 4). openssl makes the
+#    remote-daemon tests' client certificates.
+ensure_packages --no-recommends lxd lxd-client debootstrap curl tar openssl
 
 # ---------------------------------------------------------------------------------------------
 # 2. The daemon. No systemd here (PID 1 is not systemd; apt starts no service), so we start it
@@ -182,37 +160,12 @@ fi
 #    exists with the current recipe.
 work=$(mktemp -d "$CACHE/.build.XXXXXX")
 
-# tar_atomic DIR FILE [MEMBERS...]: write FILE atomically (a killed run must not leave a truncated
-# tarball that later runs would import). Default member: the whole directory (".").
-tar_atomic() {
-    local dir=$1 file=$2; shift 2
-    [ "$#" -gt 0 ] || set -- .
-    tar --numeric-owner -C "$dir" -cf "$file.tmp" "$@" && mv "$file.tmp" "$file"
-}
-
-# in_rootfs DIR CMD...: run CMD chrooted in DIR with /proc mounted, in a private mount+PID
-# namespace, so the mount disappears with the command even if we are killed.
-in_rootfs() {
-    local root=$1; shift
-    unshare --fork --pid --mount --mount-proc="$root/proc" \
-        chroot "$root" /usr/bin/env -i HOME=/root "$IMAGE_PATH_ENV" "$@"
-}
-
-# build_rootfs_tar: debootstrap minbase with $ROOTFS_INCLUDE into ROOTFS_TAR (same steps as
-# tests/setup/podman.sh's user rootfs, so for the busybox variant the two are interchangeable).
+# build_rootfs_tar: debootstrap minbase with $ROOTFS_INCLUDE into ROOTFS_TAR (with the function
+# tests/setup/podman.sh builds its user rootfs with, so for the busybox variant they are one file).
 build_rootfs_tar() {
     [ -s "$ROOTFS_TAR" ] && return 0
     local root=$work/debootstrap
-    # debootstrap mounts proc/sys in the target; a private mount namespace keeps those mounts off
-    # the host if it dies half-way. </dev/null: CI has no stdin.
-    unshare --mount --fork debootstrap --variant=minbase --include="$ROOTFS_INCLUDE" \
-        "$SUITE" "$root" ${MIRROR:+"$MIRROR"} >"$work/debootstrap.log" 2>&1 </dev/null \
-        || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap $SUITE failed (log above)"; }
-    # Drop downloaded .debs and apt lists (apt-get update restores them) and the host's
-    # resolv.conf that debootstrap copied in.
-    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin "$root"/var/lib/apt/lists/* \
-        "$root"/debootstrap
-    : >"$root/etc/resolv.conf"
+    debootstrap_minbase "$SUITE" "$ROOTFS_INCLUDE" "$root"
     tar_atomic "$root" "$ROOTFS_TAR"
     rm -rf --one-file-system "$root"
 }
@@ -222,14 +175,7 @@ build_rootfs_tar() {
 # that runs nothing and keeps one child alive.
 add_busybox_init() {
     local root=$1 dl=$work/busybox-deb
-    mkdir -p "$dl"
-    # apt-get download needs package lists: a fresh machine where step 1 installed nothing may
-    # have none, so update once and retry. Sandbox user root: _apt cannot write to our 0700 dir.
-    ( cd "$dl" && apt-get -o APT::Sandbox::User=root download -qq busybox-static </dev/null >/dev/null 2>&1 ) \
-        || { apt-get -o DPkg::Lock::Timeout=300 update -qq \
-             && ( cd "$dl" && apt-get -o APT::Sandbox::User=root download -qq busybox-static </dev/null ); } \
-        || die "apt-get download busybox-static failed"
-    dpkg-deb -x "$dl"/busybox-static_*.deb "$dl/x"
+    download_busybox_static "$dl"
     # Outside /bin and /usr/bin so that no busybox applet shadows a real tool on PATH.
     install -D -m 0755 "$dl/x/bin/busybox" "$root/usr/lib/drover/busybox"
     # Absolute target: sbin is itself a symlink to usr/sbin (merged /usr), so a relative one would

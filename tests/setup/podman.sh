@@ -35,21 +35,11 @@ HELPER_EXTRA=(git ca-certificates curl tar)
 USER_TAR=$CACHE/debian-$SUITE-minbase-${USER_INCLUDE//,/+}.tar
 HELPER_TAR=$CACHE/helper-$SUITE-minbase-${USER_INCLUDE//,/+}+$(IFS=+; echo "${HELPER_EXTRA[*]}").tar
 BUSYBOX_TAR=$CACHE/busybox-static-$SUITE.tar
-IMAGE_PATH_ENV=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export DEBIAN_FRONTEND=noninteractive
+SETUP_NAME="podman setup"
+# shellcheck source=tests/setup/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
-t0=$(now_ms)
-step_start=$t0
-say() { # one summary line per step, with the step's duration
-    local now; now=$(now_ms)
-    printf 'podman setup: %s (%d.%01d s)\n' "$*" $(( (now - step_start) / 1000 )) $(( (now - step_start) % 1000 / 100 ))
-    step_start=$now
-}
-die() { echo "podman setup: ERROR: $*" >&2; exit 1; }
-
-[ "$(id -u)" = 0 ] || die "must run as root (installs packages, runs the rootful podman service)"
-command -v apt-get >/dev/null || die "needs apt-get (Debian)"
+require_root_debian "installs packages, runs the rootful podman service"
 
 # Work directory for rootfs builds, on the cache's file system. Removed on exit however we exit.
 # --one-file-system: if a killed debootstrap ever left proc/sys mounted inside a rootfs, rm must
@@ -67,20 +57,9 @@ flock -w 900 9 || die "another tests/setup/podman.sh has held /var/cache/drover/
 # ---------------------------------------------------------------------------------------------
 # 1. Packages. `runc` by name: podman depends on `crun | runc` and crun refuses this machine's
 #    cgroups v1 hybrid mode (backends.md). debootstrap builds the images (no registry reachable),
-#    curl probes the API socket. apt-get update (about 1 s) only when something is missing.
-#    DPkg::Lock::Timeout: wait (bounded) instead of failing if another apt is running.
-need=()
-for pkg in podman runc debootstrap curl tar; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
-done
-if [ "${#need[@]}" -gt 0 ]; then
-    apt-get -o DPkg::Lock::Timeout=300 update -qq
-    # With recommends, as backends.md installed and tested it (netavark, catatonit, uidmap...).
-    apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${need[@]}" </dev/null
-    say "installed ${need[*]}"
-else
-    say "packages present (podman runc debootstrap curl tar)"
-fi
+#    curl probes the API socket. With recommends, as backends.md installed and tested it
+#    (netavark, catatonit, uidmap...).
+ensure_packages podman runc debootstrap curl tar
 
 # ---------------------------------------------------------------------------------------------
 # 2. /etc/containers/containers.conf, exactly as backends.md says works: podman's default rlimits
@@ -158,45 +137,16 @@ say "podman ${version:-?} ready on $SOCK_PATH ($started)"
 #    image exists; the tarball cache saves the ~55 s debootstrap after a `podman rmi`.
 work=$(mktemp -d "$CACHE/.build.XXXXXX")
 
-# tar_rootfs DIR FILE: write FILE atomically (a killed run must not leave a truncated tarball
-# that later runs would import).
-tar_rootfs() {
-    tar --numeric-owner -C "$1" -cf "$2.tmp" . && mv "$2.tmp" "$2"
-}
-
-# slim DIR: drop what makes the image big or leaks the host: downloaded .debs, apt lists (apt-get
-# update restores them), and the host's resolv.conf that debootstrap copied in (podman mounts its
-# own /etc/resolv.conf and /etc/hostname into containers).
-slim() {
-    rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/cache/apt/*.bin "$1"/var/lib/apt/lists/* \
-        "$1"/debootstrap
-    : >"$1/etc/resolv.conf"
-}
-
-# in_rootfs DIR CMD...: run CMD chrooted in DIR with /proc mounted (some maintainer scripts read
-# it). The mount lives in a private mount+PID namespace, so it disappears with the command even if
-# we are killed: nothing is left mounted on the host.
-in_rootfs() {
-    local root=$1; shift
-    unshare --fork --pid --mount --mount-proc="$root/proc" \
-        chroot "$root" /usr/bin/env -i HOME=/root "$IMAGE_PATH_ENV" DEBIAN_FRONTEND=noninteractive "$@"
-}
-
 build_user_tar() {
     [ -s "$USER_TAR" ] && return 0
     local root=$work/debian
-    # debootstrap mounts proc/sys in the target; a private mount namespace keeps those mounts off
-    # the host if it dies half-way. </dev/null: CI has no stdin.
-    unshare --mount --fork debootstrap --variant=minbase --include="$USER_INCLUDE" \
-        "$SUITE" "$root" ${MIRROR:+"$MIRROR"} >"$work/debootstrap.log" 2>&1 </dev/null \
-        || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap $SUITE failed (log above)"; }
+    debootstrap_minbase "$SUITE" "$USER_INCLUDE" "$root"
     # The user image must not have git (it stands for "a user image without git or gitlab-runner").
     [ ! -e "$root/usr/bin/git" ] || die "user rootfs unexpectedly contains git"
     for tool in bash setsid ps kill find; do
         in_rootfs "$root" sh -c "command -v $tool" >/dev/null || die "user rootfs lacks $tool"
     done
-    slim "$root"
-    tar_rootfs "$root" "$USER_TAR"
+    tar_atomic "$root" "$USER_TAR"
     rm -rf --one-file-system "$root"
 }
 
@@ -217,23 +167,15 @@ build_helper_tar() {
         in_rootfs "$root" sh -c "command -v $tool" >/dev/null || die "helper rootfs lacks $tool"
     done
     slim "$root"
-    tar_rootfs "$root" "$HELPER_TAR"
+    tar_atomic "$root" "$HELPER_TAR"
     rm -rf --one-file-system "$root"
 }
 
 build_busybox_tar() {
     [ -s "$BUSYBOX_TAR" ] && return 0
     local dl=$work/busybox-deb root=$work/busybox
-    mkdir -p "$dl" "$root"
-    # apt-get download leaves the host untouched (installing busybox-static would conflict with a
-    # `busybox` package). It needs package lists: on a fresh machine where step 1 installed
-    # nothing there may be none, so update once and retry. Sandbox user root: _apt cannot write
-    # to our 0700 work directory.
-    ( cd "$dl" && apt-get -o APT::Sandbox::User=root download -qq busybox-static </dev/null >/dev/null 2>&1 ) \
-        || { apt-get -o DPkg::Lock::Timeout=300 update -qq \
-             && ( cd "$dl" && apt-get -o APT::Sandbox::User=root download -qq busybox-static </dev/null ); } \
-        || die "apt-get download busybox-static failed"
-    dpkg-deb -x "$dl"/busybox-static_*.deb "$dl/x"
+    mkdir -p "$root"
+    download_busybox_static "$dl"
     mkdir -p "$root"/{bin,etc,tmp,proc,sys,dev,root,var/tmp}
     chmod 1777 "$root/tmp" "$root/var/tmp"
     install -m 0755 "$dl/x/bin/busybox" "$root/bin/busybox"
@@ -249,7 +191,7 @@ build_busybox_tar() {
     # A root user, so `id`, `whoami` and podman's user lookup behave.
     printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
     printf 'root:x:0:\n' >"$root/etc/group"
-    tar_rootfs "$root" "$BUSYBOX_TAR"
+    tar_atomic "$root" "$BUSYBOX_TAR"
     rm -rf --one-file-system "$root" "$dl"
 }
 
