@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use drover_harness::real::gitlab_runner_for_test;
 use drover_harness::setup::DriverSetup;
 
 mod remote;
@@ -156,8 +157,7 @@ async fn artifacts_upload_from_an_image_that_had_no_gitlab_runner() {
     }
     // The runner's real helper commands run in the instance (the stand-in needs curl, which
     // the image lacks); CI tests copying a binary in with the stand-in (the cache test).
-    let Some(runner) = std::env::var_os("GITLAB_RUNNER_BIN").filter(|p| !p.is_empty()) else {
-        eprintln!("skipped {test}: no GitLab Runner binary (set GITLAB_RUNNER_BIN)");
+    let Some(runner) = gitlab_runner_for_test(test) else {
         return;
     };
     let work = tempfile::tempdir().expect("work dir");
@@ -255,13 +255,10 @@ fn the_real_runner_runs_jobs_with_their_exit_codes_and_leaves_nothing() {
     if !lxd(test) {
         return;
     }
-    let Some(runner) = std::env::var("GITLAB_RUNNER_BIN")
-        .ok()
-        .filter(|p| !p.is_empty())
-    else {
-        eprintln!("skipped {test}: no GitLab Runner binary (set GITLAB_RUNNER_BIN)");
+    let Some(runner) = gitlab_runner_for_test(test) else {
         return;
     };
+    let runner = runner.to_string_lossy();
     let setup = new_setup("realrunner", SOCKET, "");
     let yaml = "ok:\n  script: [echo \"hello $((6*7))\"]\n\
         fails:\n  script: [echo before, exit 3]\n  after_script: [echo \"after $((6*7))\"]\n";

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use drover_harness::real::gitlab_runner_for_test;
 use drover_harness::repository::commit_files;
 use drover_harness::setup::DriverSetup;
 
@@ -213,23 +214,10 @@ fn gc_removes_only_expired_jobs_and_doctor_reports_the_engine() {
     assert!(text.contains("ok   engine:"), "{text}");
 }
 
-/// A GitLab Runner binary for the real-runner test, or `None` and one line saying so.
-fn gitlab_runner(test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("GITLAB_RUNNER_BIN")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from);
-    if found.is_none() {
-        eprintln!(
-            "skipped {test}: no GitLab Runner binary (set GITLAB_RUNNER_BIN to run the real-runner tests)"
-        );
-    }
-    found
-}
-
 #[test]
 fn real_runner_pipeline_with_the_runners_own_helpers_in_the_helper_container() {
     let test = "real_runner_pipeline_with_the_runners_own_helpers_in_the_helper_container";
-    let (Some(socket), Some(runner)) = (engine(test), gitlab_runner(test)) else {
+    let (Some(socket), Some(runner)) = (engine(test), gitlab_runner_for_test(test)) else {
         return;
     };
     // The real gitlab-runner binary is mounted into the helper: cache and artifacts use the
@@ -373,7 +361,7 @@ fn ctrl_c_cancels_the_job_after_script_runs_and_nothing_is_left() {
     };
     let setup = new_setup("ctrlc", &socket, "network_mode = \"none\"", "");
     let mut runners = vec![vec!["--runner".to_owned(), "emulated".to_owned()]];
-    if let Some(binary) = gitlab_runner("ctrl_c_cancels_the_job (real runner)") {
+    if let Some(binary) = gitlab_runner_for_test("ctrl_c_cancels_the_job (real runner)") {
         runners.push(vec![
             "--runner".into(),
             "real".into(),

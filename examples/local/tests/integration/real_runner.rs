@@ -9,7 +9,7 @@ use drover_harness::conformance::{MARKER_VARIABLE, processes_with_marker};
 use drover_harness::coordinator::Coordinator;
 use drover_harness::job::JobFile;
 use drover_harness::pipeline::{PipelineJob, PipelineOutcome, RunnerMode, run_pipeline};
-use drover_harness::real::{RealRunner, find_gitlab_runner, helper_dir};
+use drover_harness::real::{RealRunner, gitlab_runner_for_test, helper_dir};
 use drover_harness::repository::commit_files;
 use drover_harness::{CancelHandle, Driver, Hooks, JobResult, RunnerOptions};
 
@@ -26,12 +26,7 @@ struct Real {
 }
 
 async fn real_runner(test: &str) -> Option<Real> {
-    let Some(binary) = find_gitlab_runner(None) else {
-        eprintln!(
-            "skipped {test}: no GitLab Runner binary (set GITLAB_RUNNER_BIN to run the real-runner tests)"
-        );
-        return None;
-    };
+    let binary = gitlab_runner_for_test(test)?;
     let work = tempfile::tempdir().expect("work dir");
     let coordinator = Coordinator::start(work.path().join("artifacts"))
         .await
