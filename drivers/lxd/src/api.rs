@@ -295,7 +295,7 @@ impl Lxd {
     /// Makes the custom storage volume `name` in `pool` unless it exists.
     pub async fn ensure_volume(&self, pool: &str, name: &str) -> Result<()> {
         let path = format!("/1.0/storage-pools/{pool}/volumes/custom/{name}");
-        if self.call(Method::GET, &path, None).await.is_ok() {
+        if self.get(&path).await.is_ok() {
             return Ok(());
         }
         let body = json!({"name": name, "type": "custom", "content_type": "filesystem"});
@@ -361,14 +361,11 @@ impl Lxd {
     }
 
     async fn try_delete(&self, name: &str) -> Result<()> {
-        match self
-            .call(Method::GET, &format!("/1.0/instances/{name}"), None)
-            .await
-        {
+        match self.instance(name).await {
             Err(err) if err.to_string().contains("(404)") => return Ok(()),
             Err(err) => return Err(err),
             Ok(instance) => {
-                if instance["metadata"]["status"] != "Stopped" {
+                if instance["status"] != "Stopped" {
                     self.set_state(name, "stop").await?;
                 }
             }
@@ -391,10 +388,8 @@ impl Lxd {
 
     /// Every instance with its config.
     pub async fn instances(&self) -> Result<Vec<Value>> {
-        let answer = self
-            .call(Method::GET, "/1.0/instances?recursion=1", None)
-            .await?;
-        Ok(answer["metadata"].as_array().cloned().unwrap_or_default())
+        let instances = self.get("/1.0/instances?recursion=1").await?;
+        Ok(instances.as_array().cloned().unwrap_or_default())
     }
 
     /// Writes `bytes` to `path` in the instance with `mode` (files API).

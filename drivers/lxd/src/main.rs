@@ -39,6 +39,11 @@ const RUNNER_IN_INSTANCE: &str = "/usr/local/bin/gitlab-runner";
 /// LXD keeps user metadata in config keys with this prefix.
 const CONFIG_PREFIX: &str = "user.";
 
+/// The LXD config key of a drover label (`drover.runner` → `user.drover.runner`).
+fn config_key(label: &str) -> String {
+    format!("{CONFIG_PREFIX}{label}")
+}
+
 /// The `[driver]` table.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -271,7 +276,7 @@ impl Driver for LxdDriver {
             }
             let name = instance["name"].as_str().unwrap_or_default().to_owned();
             // Spares have no job and do not expire; they go when the pool is switched off.
-            if spares::is_spare(&instance) {
+            if labels.contains_key(spares::SPARE_LABEL) {
                 if self.settings.idle_count > 0 {
                     report.kept += 1;
                 } else {
@@ -375,7 +380,7 @@ impl LxdDriver {
         let mut config: serde_json::Map<String, Value> = job
             .labels()
             .into_iter()
-            .map(|(key, value)| (format!("{CONFIG_PREFIX}{key}"), Value::String(value)))
+            .map(|(key, value)| (config_key(&key), Value::String(value)))
             .collect();
         if let Some(cpus) = resources.cpus {
             config.insert("limits.cpu".into(), json!(cpus.ceil().max(1.0).to_string()));
@@ -426,12 +431,12 @@ impl LxdDriver {
         self.wait_until_ready(lxd, &name, job).await?;
         if let Some(stage_dir) = stage_dir {
             let owner = stages::root_owner(&lxd.instance(&name).await?);
-            if !stage_dir
+            if let Err(err) = stage_dir
                 .start(lxd, &name, &self.settings.shell, owner)
                 .await
             {
                 progress!(
-                    "The instance does not share {} with this host; each stage runs as an exec",
+                    "No stage dispatcher through {} ({err}); each stage runs as an exec",
                     stage_dir.path().display()
                 );
             }

@@ -13,16 +13,15 @@
 //! of an image that is no longer the job's (the alias was moved to a new image) are deleted by
 //! the next replenishing, and `gc` deletes them all when `idle_count` is 0.
 
-use drover_core::naming::ResourceNames;
+use drover_core::naming::{LABEL_RUNNER, ResourceNames};
 use drover_core::progress;
 use serde_json::{Value, json};
 
 use crate::api::Lxd;
+use crate::config_key;
 
-/// The config key that marks a spare, holding the fingerprint of its image.
-pub const SPARE_KEY: &str = "user.drover.spare";
-/// The config key of the runner a spare (or a job's instance) belongs to.
-const RUNNER_KEY: &str = "user.drover.runner";
+/// The label that marks a spare, holding the fingerprint of its image.
+pub const SPARE_LABEL: &str = "drover.spare";
 
 /// The spares of one runner and image.
 pub struct Pool<'a> {
@@ -115,7 +114,10 @@ impl Pool<'_> {
                 "type": self.instance_type,
                 "source": {"type": "image", "fingerprint": self.fingerprint},
                 "profiles": self.profiles,
-                "config": {RUNNER_KEY: self.runner, SPARE_KEY: self.fingerprint},
+                "config": {
+                    config_key(LABEL_RUNNER): self.runner,
+                    config_key(SPARE_LABEL): self.fingerprint,
+                },
             });
             if let Err(err) = self.lxd.create_in_background(&body).await {
                 progress!("Could not start making a ready instance for later jobs: {err}");
@@ -126,16 +128,14 @@ impl Pool<'_> {
 
     /// Whether `instance` is a spare of this runner.
     fn owns(&self, instance: &Value) -> bool {
-        is_spare(instance) && instance["config"][RUNNER_KEY] == self.runner
+        let config = &instance["config"];
+        config[config_key(SPARE_LABEL).as_str()].is_string()
+            && config[config_key(LABEL_RUNNER).as_str()] == self.runner
     }
 
     /// Whether a spare was made from the job's image, as the kind of instance wanted.
     fn is_current(&self, spare: &Value) -> bool {
-        spare["config"][SPARE_KEY] == self.fingerprint && spare["type"] == self.instance_type
+        spare["config"][config_key(SPARE_LABEL).as_str()] == self.fingerprint
+            && spare["type"] == self.instance_type
     }
-}
-
-/// Whether `instance` is a spare (of any runner).
-pub fn is_spare(instance: &Value) -> bool {
-    instance["config"][SPARE_KEY].is_string()
 }

@@ -90,16 +90,14 @@ impl StageDir {
     }
 
     /// Hands the directory to `owner` (the instance's root on the host), makes `wake` and
-    /// starts the dispatcher. Returns false, with the directory removed (so stages use an exec
-    /// each), when the dispatcher does not come up: the instance does not see the directory.
-    pub async fn start(&self, lxd: &Lxd, name: &str, shell: &str, owner: (u32, u32)) -> bool {
-        match self.try_start(lxd, name, shell, owner).await {
-            Ok(()) => true,
-            Err(_) => {
-                self.remove();
-                false
-            }
+    /// starts the dispatcher. On failure (mostly: the instance does not see the directory) the
+    /// directory is removed, so stages use an exec each.
+    pub async fn start(&self, lxd: &Lxd, name: &str, shell: &str, owner: (u32, u32)) -> Result<()> {
+        let started = self.try_start(lxd, name, shell, owner).await;
+        if started.is_err() {
+            self.remove();
         }
+        started
     }
 
     async fn try_start(&self, lxd: &Lxd, name: &str, shell: &str, owner: (u32, u32)) -> Result<()> {
@@ -168,12 +166,10 @@ impl StageDir {
         // A dispatcher that an earlier stage of the job killed is started again.
         if self.wake(&nonce).is_err() {
             progress!("The stage dispatcher in instance {name} was gone; starting it again");
-            let woken = match self.launch(lxd, name, shell).await {
-                Ok(()) => self
-                    .wake(&nonce)
-                    .map_err(|err| Error::system(err.to_string())),
-                Err(err) => Err(err),
-            };
+            let woken = self.launch(lxd, name, shell).await.and_then(|()| {
+                self.wake(&nonce)
+                    .map_err(|err| Error::system(err.to_string()))
+            });
             if let Err(err) = woken {
                 let _ = std::fs::remove_file(&script_path);
                 return Err(Error::system(format!(
