@@ -71,6 +71,23 @@ debootstrap_minbase() {
     slim "$root"
 }
 
+# minbase_tar SUITE INCLUDE TAR: a job image's rootfs (debootstrap_minbase) as the tarball TAR,
+# unless it is cached already. Both setups build their Debian job image from this file (the same
+# file when INCLUDE is the same), so its checks are here, whichever script builds it: it must not
+# have git (it stands for "an image without git or gitlab-runner") and must have what the drivers
+# run in a job environment.
+minbase_tar() {
+    local suite=$1 include=$2 tarball=$3 root=$work/minbase tool
+    [ -s "$tarball" ] && return 0
+    debootstrap_minbase "$suite" "$include" "$root"
+    [ ! -e "$root/usr/bin/git" ] || die "the $suite rootfs unexpectedly contains git"
+    for tool in bash setsid ps kill find; do
+        in_rootfs "$root" sh -c "command -v $tool" >/dev/null || die "the $suite rootfs lacks $tool"
+    done
+    tar_atomic "$root" "$tarball"
+    rm -rf --one-file-system "$root"
+}
+
 # slim DIR: drop what makes an image big or leaks the host: downloaded .debs, apt lists (apt-get
 # update restores them), and the host's resolv.conf that debootstrap copied in (the engines mount
 # their own).

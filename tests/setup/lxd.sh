@@ -160,16 +160,6 @@ fi
 #    exists with the current recipe.
 work=$(mktemp -d "$CACHE/.build.XXXXXX")
 
-# build_rootfs_tar: debootstrap minbase with $ROOTFS_INCLUDE into ROOTFS_TAR (with the function
-# tests/setup/podman.sh builds its user rootfs with, so for the busybox variant they are one file).
-build_rootfs_tar() {
-    [ -s "$ROOTFS_TAR" ] && return 0
-    local root=$work/debootstrap
-    debootstrap_minbase "$SUITE" "$ROOTFS_INCLUDE" "$root"
-    tar_atomic "$root" "$ROOTFS_TAR"
-    rm -rf --one-file-system "$root"
-}
-
 # add_busybox_init ROOT: /sbin/init -> busybox (static, from the busybox-static .deb, which is only
 # downloaded: installing it on the host could conflict with a `busybox` package) with an inittab
 # that runs nothing and keeps one child alive.
@@ -190,7 +180,8 @@ add_busybox_init() {
 
 build_lxd_tar() {
     [ -s "$LXD_TAR" ] && return 0
-    build_rootfs_tar
+    # tests/setup/podman.sh's user rootfs too: for the busybox variant they are one file.
+    minbase_tar "$SUITE" "$ROOTFS_INCLUDE" "$ROOTFS_TAR"
     local img=$work/image root=$work/image/rootfs
     mkdir -p "$root" "$img/templates"
     tar --numeric-owner -xpf "$ROOTFS_TAR" -C "$root"

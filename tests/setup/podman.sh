@@ -137,18 +137,7 @@ say "podman ${version:-?} ready on $SOCK_PATH ($started)"
 #    image exists; the tarball cache saves the ~55 s debootstrap after a `podman rmi`.
 work=$(mktemp -d "$CACHE/.build.XXXXXX")
 
-build_user_tar() {
-    [ -s "$USER_TAR" ] && return 0
-    local root=$work/debian
-    debootstrap_minbase "$SUITE" "$USER_INCLUDE" "$root"
-    # The user image must not have git (it stands for "a user image without git or gitlab-runner").
-    [ ! -e "$root/usr/bin/git" ] || die "user rootfs unexpectedly contains git"
-    for tool in bash setsid ps kill find; do
-        in_rootfs "$root" sh -c "command -v $tool" >/dev/null || die "user rootfs lacks $tool"
-    done
-    tar_atomic "$root" "$USER_TAR"
-    rm -rf --one-file-system "$root"
-}
+build_user_tar() { minbase_tar "$SUITE" "$USER_INCLUDE" "$USER_TAR"; }
 
 build_helper_tar() {
     [ -s "$HELPER_TAR" ] && return 0
