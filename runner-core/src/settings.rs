@@ -13,9 +13,15 @@ use serde::de::DeserializeOwned;
 use crate::policy::Policy;
 use crate::{Error, Result};
 
+mod de;
+
+use de::{Loc, Node, NodeDe};
+
 /// Prefix of environment overrides: `DROVER_RUNNER_NAME=ci-1`, `DROVER_POLICY__MAX_CPUS=4`,
-/// `DROVER_DRIVER__ROOT=/srv/jobs`. `__` separates table levels; values are read as TOML
-/// (`4`, `true`, `["a", "b"]`) and otherwise taken as strings.
+/// `DROVER_DRIVER__ROOT=/srv/jobs`. `__` separates table levels and keys are lowercased. A
+/// value is read as the type of the setting it names: as written for a string, parsed for a
+/// number, `true`/`false` or a variant name, TOML array syntax (`["a", "b"]`) for a list; a
+/// table is set key by key.
 pub const ENV_PREFIX: &str = "DROVER_";
 
 /// The top-level keys an override may name. The runner passes its whole environment on (§3.3),
@@ -48,7 +54,7 @@ impl<D> std::ops::Deref for Settings<D> {
     }
 }
 
-/// The top-level keys of the settings file.
+/// The top-level keys of the settings file, except the driver's `[driver]` table.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommonSettings {
@@ -72,9 +78,10 @@ pub struct CommonSettings {
     /// What a job may ask for.
     #[serde(default)]
     pub policy: Policy,
-    /// The driver's own table, read into the driver's type by [`Settings::load`].
-    #[serde(default)]
-    driver: toml::Table,
+    /// Never read here: [`Settings::load`] reads `[driver]` into the driver's type. Declared
+    /// so that the message for a misspelt top-level key lists `driver` too.
+    #[serde(default, rename = "driver")]
+    _driver: serde::de::IgnoredAny,
 }
 
 /// The shell a driver runs the runner's scripts with unless configured: `bash`, the runner's
@@ -97,22 +104,29 @@ fn default_cancel_grace() -> u64 {
 
 impl<D: DeserializeOwned> Settings<D> {
     /// Reads `path` (if any) and applies `DROVER_*` overrides from `env`.
+    ///
+    /// An override takes the type of the setting it names (`DROVER_RUNNER_NAME=42` is the
+    /// name "42"); lists use TOML array syntax. Errors name the file's key path or the
+    /// variable and never show the value, which may be a secret.
     pub fn load(path: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Settings<D>> {
-        let mut table = match path {
+        let mut root = match path {
             Some(path) => read_table(path)?,
-            None => toml::Table::new(),
+            None => BTreeMap::new(),
         };
-        apply_env_overrides(&mut table, env)?;
+        apply_env_overrides(&mut root, env)?;
         let origin = path.map_or_else(|| "settings".to_owned(), |p| p.display().to_string());
-        let invalid = |section: &str, err: toml::de::Error| {
-            Error::system(format!("{origin}: {section}{}", err.message()))
+        let top = Loc::root();
+        // The driver's table has the driver's type, unknown to the core: read it on its own.
+        let driver = root.remove("driver").unwrap_or_else(Node::empty_table);
+        let driver_loc = top.child("driver", &driver);
+        let root = Node::Table {
+            entries: root,
+            created_by: None,
         };
-        let mut common: CommonSettings = toml::Value::Table(table)
-            .try_into()
-            .map_err(|err| invalid("", err))?;
-        let driver = toml::Value::Table(std::mem::take(&mut common.driver))
-            .try_into()
-            .map_err(|err| invalid("[driver]: ", err))?;
+        let common =
+            CommonSettings::deserialize(NodeDe::new(root, top, &origin)).map_err(Error::system)?;
+        let driver =
+            D::deserialize(NodeDe::new(driver, driver_loc, &origin)).map_err(Error::system)?;
         common.validate()?;
         Ok(Settings { common, driver })
     }
@@ -122,55 +136,86 @@ impl CommonSettings {
     fn validate(&self) -> Result<()> {
         let name = &self.runner_name;
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return Err(Error::system(format!(
-                "runner_name {name:?} may only hold letters, digits and '-'"
-            )));
+            // Not quoted: no settings error shows a value.
+            return Err(Error::system(
+                "runner_name may only hold letters, digits and '-'",
+            ));
         }
         self.policy.validate()
     }
 }
 
-fn read_table(path: &Path) -> Result<toml::Table> {
+fn read_table(path: &Path) -> Result<BTreeMap<String, Node>> {
     let text = std::fs::read_to_string(path).map_err(|err| {
         Error::system(format!(
             "cannot read operator settings {}: {err}",
             path.display()
         ))
     })?;
-    text.parse::<toml::Table>()
-        .map_err(|err| Error::system(format!("{}: {}", path.display(), err.message())))
+    // `err.message()` without toml's source snippet: the snippet could show a secret.
+    let table = text.parse::<toml::Table>().map_err(|err| {
+        let line = err.span().map(|span| {
+            let before = text.as_bytes().get(..span.start).unwrap_or_default();
+            before.iter().filter(|&&b| b == b'\n').count() + 1
+        });
+        match line {
+            Some(line) => Error::system(format!(
+                "{}: line {line}: {}",
+                path.display(),
+                err.message()
+            )),
+            None => Error::system(format!("{}: {}", path.display(), err.message())),
+        }
+    })?;
+    Ok(table
+        .into_iter()
+        .map(|(key, value)| (key, Node::from_toml(value)))
+        .collect())
 }
 
-fn apply_env_overrides(table: &mut toml::Table, env: &BTreeMap<String, String>) -> Result<()> {
-    for (key, value) in env {
-        let Some(path) = key.strip_prefix(ENV_PREFIX) else {
+fn apply_env_overrides(
+    root: &mut BTreeMap<String, Node>,
+    env: &BTreeMap<String, String>,
+) -> Result<()> {
+    for (variable, value) in env {
+        let Some(path) = variable.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
-        if !OVERRIDABLE.contains(&parts[0].as_str()) {
+        let written: Vec<&str> = path.split("__").collect();
+        let keys: Vec<String> = written.iter().map(|k| k.to_ascii_lowercase()).collect();
+        let Some((last, tables)) = keys.split_last() else {
+            continue;
+        };
+        if !keys
+            .first()
+            .is_some_and(|top| OVERRIDABLE.contains(&top.as_str()))
+        {
             continue;
         }
-        let (last, tables) = parts.split_last().expect("split yields at least one part");
-        let mut current = &mut *table;
-        for part in tables {
-            let entry = current
-                .entry(part.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            current = entry
-                .as_table_mut()
-                .ok_or_else(|| Error::system(format!("{key}: `{part}` is a value, not a table")))?;
+        let mut current = &mut *root;
+        for (depth, key) in tables.iter().enumerate() {
+            let entry = current.entry(key.clone()).or_insert_with(|| Node::Table {
+                entries: BTreeMap::new(),
+                created_by: Some(format!("{ENV_PREFIX}{}", written[..=depth].join("__"))),
+            });
+            current = match entry {
+                Node::Table { entries, .. } => entries,
+                _ => {
+                    return Err(Error::system(format!(
+                        "{variable}: `{key}` is a value, not a table"
+                    )));
+                }
+            };
         }
-        current.insert(last.clone(), parse_env_value(value));
+        current.insert(
+            last.clone(),
+            Node::Text {
+                raw: value.clone(),
+                variable: Some(variable.clone()),
+            },
+        );
     }
     Ok(())
-}
-
-fn parse_env_value(value: &str) -> toml::Value {
-    format!("v = {value}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(value.to_owned()))
 }
 
 /// Where the settings file is: `--config PATH`, else `DROVER_CONFIG`.
@@ -193,6 +238,42 @@ mod tests {
         root: Option<String>,
         #[serde(default)]
         hook: Vec<String>,
+        #[serde(default)]
+        pull_policy: Option<PullPolicy>,
+        #[serde(default)]
+        debug: bool,
+        #[serde(default)]
+        idle_count: Option<u32>,
+        #[serde(default)]
+        registries: BTreeMap<String, Credentials>,
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(rename_all = "kebab-case")]
+    enum PullPolicy {
+        Always,
+        IfNotPresent,
+        Never,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Credentials {
+        username: String,
+        password: String,
+    }
+
+    fn settings_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("drover.toml");
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    fn load_error(path: Option<&Path>, pairs: &[(&str, &str)]) -> String {
+        Settings::<DriverSettings>::load(path, &env(pairs))
+            .expect_err("invalid")
+            .to_string()
     }
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -251,5 +332,214 @@ mod tests {
         let err = Settings::<DriverSettings>::load(None, &env(&[("DROVER_RUNNER_NAME", "a b")]))
             .expect_err("space");
         assert!(err.to_string().contains("runner_name"), "{err}");
+    }
+
+    #[test]
+    fn an_all_digit_override_of_a_string_stays_a_string() {
+        let settings: Settings<DriverSettings> = Settings::load(
+            None,
+            &env(&[
+                ("DROVER_RUNNER_NAME", "42"),
+                ("DROVER_DRIVER__ROOT", "007"),
+                ("DROVER_DRIVER__REGISTRIES__EXAMPLE__USERNAME", "1000"),
+                ("DROVER_DRIVER__REGISTRIES__EXAMPLE__PASSWORD", "123456"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(settings.runner_name, "42");
+        assert_eq!(settings.driver.root.as_deref(), Some("007"));
+        let example = &settings.driver.registries["example"];
+        assert_eq!(
+            (example.username.as_str(), example.password.as_str()),
+            ("1000", "123456")
+        );
+    }
+
+    #[test]
+    fn overrides_take_the_type_of_their_setting() {
+        let (_dir, path) = settings_file(
+            "[policy]\nmax_cpus = 2\n[policy.mounts.data]\nsource = \"/srv\"\ntarget = \"/data\"\n",
+        );
+        let settings: Settings<DriverSettings> = Settings::load(
+            Some(&path),
+            &env(&[
+                ("DROVER_BUILDS_DIR", "/builds"),
+                ("DROVER_GC_GRACE_SECS", " 60 "),
+                ("DROVER_POLICY__CPUS", "1.5"),
+                ("DROVER_POLICY__MAX_CPUS", "4"),
+                (
+                    "DROVER_POLICY__ALLOWED_IMAGES",
+                    "[\"debian:*\", \"alpine:3\"]",
+                ),
+                ("DROVER_POLICY__MOUNTS__DATA__READ_ONLY", "true"),
+                ("DROVER_POLICY__MOUNTS__CACHE__SOURCE", "/var/cache"),
+                ("DROVER_POLICY__MOUNTS__CACHE__TARGET", "/cache"),
+                ("DROVER_DRIVER__PULL_POLICY", "if-not-present"),
+                ("DROVER_DRIVER__DEBUG", "true"),
+                ("DROVER_DRIVER__IDLE_COUNT", "3"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(settings.builds_dir.as_deref(), Some("/builds"));
+        assert_eq!(settings.cache_dir, None);
+        assert_eq!(settings.gc_grace_secs, 60);
+        assert_eq!(settings.policy.cpus, Some(1.5));
+        assert_eq!(settings.policy.max_cpus, Some(4.0));
+        assert_eq!(settings.policy.allowed_images, ["debian:*", "alpine:3"]);
+        let data = &settings.policy.mounts["data"];
+        assert_eq!((data.source.as_str(), data.read_only), ("/srv", true));
+        assert_eq!(settings.policy.mounts["cache"].target, "/cache");
+        assert_eq!(settings.driver.pull_policy, Some(PullPolicy::IfNotPresent));
+        assert!(settings.driver.debug);
+        assert_eq!(settings.driver.idle_count, Some(3));
+    }
+
+    #[test]
+    fn a_bad_override_names_the_variable_and_not_the_value() {
+        for (variable, value, wanted) in [
+            ("DROVER_POLICY__MAX_CPUS", "s3cr3t", "expected a number"),
+            (
+                "DROVER_GC_GRACE_SECS",
+                "98127364598127364598127364",
+                "expected a whole number, 0 or more",
+            ),
+            (
+                "DROVER_DRIVER__IDLE_COUNT",
+                "-7777",
+                "expected a whole number from 0 to",
+            ),
+            (
+                "DROVER_DRIVER__DEBUG",
+                "yes-please",
+                "expected true or false",
+            ),
+            (
+                "DROVER_DRIVER__PULL_POLICY",
+                "hunter2",
+                "unknown variant, expected one of",
+            ),
+            ("DROVER_DRIVER__HOOK", "not-a-list", "expected an array"),
+            (
+                "DROVER_DRIVER__HOOK",
+                "[\"ok\", 31337]",
+                "expected a string, found an integer",
+            ),
+        ] {
+            let msg = load_error(None, &[(variable, value)]);
+            assert!(msg.starts_with(variable), "{msg}");
+            assert!(msg.contains(wanted), "{msg}");
+            for secret in [
+                "s3cr3t",
+                "9812736",
+                "7777",
+                "yes-please",
+                "hunter2",
+                "not-a-list",
+                "31337",
+            ] {
+                assert!(!msg.contains(secret), "{msg}");
+            }
+        }
+        let msg = load_error(None, &[("DROVER_DRIVER__HOOK", "[\"ok\", 31337]")]);
+        assert!(msg.starts_with("DROVER_DRIVER__HOOK[1]: "), "{msg}");
+    }
+
+    #[test]
+    fn a_wrong_type_in_the_file_names_the_key_path_and_not_the_value() {
+        let (_dir, path) =
+            settings_file("[driver.registries.example]\nusername = \"u\"\npassword = 123456\n");
+        let msg = load_error(Some(&path), &[]);
+        assert!(
+            msg.ends_with(
+                "drover.toml: driver.registries.example.password: expected a string, found an integer"
+            ),
+            "{msg}"
+        );
+        assert!(!msg.contains("123456"), "{msg}");
+
+        let (_dir, path) = settings_file("[policy]\nmax_cpus = \"four\"\n");
+        let msg = load_error(Some(&path), &[]);
+        assert!(
+            msg.ends_with("drover.toml: policy.max_cpus: expected a number, found a string"),
+            "{msg}"
+        );
+        assert!(!msg.contains("four"), "{msg}");
+
+        let (_dir, path) = settings_file("[driver]\npull_policy = \"sometimes-secret\"\n");
+        let msg = load_error(Some(&path), &[]);
+        assert!(msg.contains("driver.pull_policy: unknown variant"), "{msg}");
+        assert!(!msg.contains("sometimes-secret"), "{msg}");
+    }
+
+    #[test]
+    fn a_missing_key_names_its_table() {
+        let (_dir, path) = settings_file("[driver.registries.example]\nusername = \"u\"\n");
+        let msg = load_error(Some(&path), &[]);
+        assert!(
+            msg.ends_with("drover.toml: driver.registries.example: missing field `password`"),
+            "{msg}"
+        );
+        let msg = load_error(None, &[("DROVER_POLICY__MOUNTS__DATA__SOURCE", "/srv")]);
+        assert!(
+            msg.starts_with("DROVER_POLICY__MOUNTS__DATA__*: missing field `target`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_toml_syntax_error_gives_the_line_without_the_text() {
+        let (_dir, path) = settings_file("runner_name = \"a\"\n[driver]\nroot = sw0rdfish\n");
+        let msg = load_error(Some(&path), &[]);
+        assert!(msg.contains("drover.toml: line 3: "), "{msg}");
+        assert!(!msg.contains("sw0rdfish"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_keys_under_an_overridable_table_are_still_errors() {
+        let msg = load_error(None, &[("DROVER_POLICY__MAX_CPU", "4")]);
+        assert!(
+            msg.starts_with("DROVER_POLICY__MAX_CPU: unknown field `max_cpu`"),
+            "{msg}"
+        );
+        let msg = load_error(None, &[("DROVER_DRIVER__ROOTS", "/x")]);
+        assert!(
+            msg.starts_with("DROVER_DRIVER__ROOTS: unknown field `roots`"),
+            "{msg}"
+        );
+        let (_dir, path) = settings_file("[driver]\nroots = \"/x\"\n");
+        let msg = load_error(Some(&path), &[]);
+        assert!(
+            msg.contains("drover.toml: driver: unknown field `roots`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_table_cannot_be_set_by_one_variable() {
+        let msg = load_error(None, &[("DROVER_POLICY", "{ max_cpus = 4 }")]);
+        assert!(
+            msg.starts_with("DROVER_POLICY: a table cannot be set by one variable"),
+            "{msg}"
+        );
+        assert!(!msg.contains("max_cpus = 4"), "{msg}");
+        let msg = load_error(None, &[("DROVER_RUNNER_NAME__X", "a")]);
+        assert_eq!(
+            msg,
+            "DROVER_RUNNER_NAME__*: expected a string, found a table"
+        );
+        let msg = load_error(
+            None,
+            &[("DROVER_RUNNER_NAME", "a"), ("DROVER_RUNNER_NAME__X", "b")],
+        );
+        assert_eq!(
+            msg,
+            "DROVER_RUNNER_NAME__X: `runner_name` is a value, not a table"
+        );
+    }
+
+    #[test]
+    fn a_bad_runner_name_is_not_quoted() {
+        let msg = load_error(None, &[("DROVER_RUNNER_NAME", "top secret")]);
+        assert!(!msg.contains("top secret"), "{msg}");
     }
 }

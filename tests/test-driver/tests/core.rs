@@ -395,8 +395,43 @@ fn an_unreadable_settings_file_is_named() {
     assert_eq!(call.status.code(), Some(2));
     assert!(
         call.stderr
-            .contains("driver.toml: [driver]: unknown field `unknown_key`"),
+            .contains("driver.toml: driver: unknown field `unknown_key`"),
         "{}",
         call.stderr
     );
+}
+
+#[test]
+fn overrides_take_their_settings_type_and_errors_never_show_the_value() {
+    let runner = Runner::new("");
+    let script = runner.script("echo ok\n");
+    // An all-digit name and an all-digit string in `[driver]` stay strings (no stage panics).
+    let call = finish(
+        runner.start(
+            &["run", script.to_str().expect("utf-8"), "build_script"],
+            &[
+                ("DROVER_RUNNER_NAME", "42"),
+                ("DROVER_DRIVER__PANIC_IN", "123456"),
+            ],
+        ),
+        Duration::from_secs(10),
+    );
+    assert_eq!(call.status.code(), Some(0), "{}", call.stderr);
+    assert_eq!(call.stdout, b"ok\n");
+
+    let call = finish(
+        runner.start(
+            &["prepare"],
+            &[("DROVER_DRIVER__PREPARE_MILLIS", "hunter2")],
+        ),
+        Duration::from_secs(10),
+    );
+    assert_eq!(call.status.code(), Some(2));
+    assert!(
+        call.stderr
+            .contains("DROVER_DRIVER__PREPARE_MILLIS: expected a whole number"),
+        "{}",
+        call.stderr
+    );
+    assert!(!call.stderr.contains("hunter2"), "{}", call.stderr);
 }
