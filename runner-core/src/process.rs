@@ -13,6 +13,7 @@
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
+use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::Path;
@@ -54,6 +55,19 @@ static LIVE_GROUPS: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
 pub struct JobCommand {
     command: Command,
     program: String,
+    around_spawn: Option<AroundSpawn>,
+}
+
+/// What [`JobCommand::around_spawn`] runs in the driver on either side of the spawn.
+struct AroundSpawn {
+    enter: Box<dyn FnMut() -> io::Result<()> + Send>,
+    leave: Box<dyn FnMut() -> io::Result<()> + Send>,
+}
+
+impl fmt::Debug for AroundSpawn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AroundSpawn")
+    }
 }
 
 impl JobCommand {
@@ -64,6 +78,7 @@ impl JobCommand {
         JobCommand {
             command: Command::new(program),
             program: program.to_string_lossy().into_owned(),
+            around_spawn: None,
         }
     }
 
@@ -111,6 +126,26 @@ impl JobCommand {
         self
     }
 
+    /// Runs `enter` in the driver just before the process is started and `leave` right after
+    /// it, also when the start failed. The process inherits at fork whatever `enter` did to the
+    /// driver, and so does everything it starts: moving the driver into a cgroup, for example,
+    /// puts the process there before it runs a single instruction, where moving the process
+    /// after the spawn would race with its first fork. The spawn between the two is one
+    /// synchronous call, and no thread of the core starts a process meanwhile. An error from
+    /// `enter` fails the command before it starts; one from `leave` kills what was started
+    /// and fails it.
+    pub fn around_spawn(
+        &mut self,
+        enter: impl FnMut() -> io::Result<()> + Send + 'static,
+        leave: impl FnMut() -> io::Result<()> + Send + 'static,
+    ) -> &mut JobCommand {
+        self.around_spawn = Some(AroundSpawn {
+            enter: Box::new(enter),
+            leave: Box::new(leave),
+        });
+        self
+    }
+
     /// Runs the command to its end, copying its stdout and stderr to the driver's as they
     /// arrive. When `cancel` fires, its group gets SIGTERM, then SIGKILL after
     /// [`KILL_GRACE`]. When it ends, whatever it left in its group is killed. Returns its exit
@@ -121,10 +156,7 @@ impl JobCommand {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = self
-            .command
-            .spawn()
-            .map_err(|err| Error::system(format!("cannot start {}: {err}", self.program)))?;
+        let mut child = self.spawn()?;
         let group = LiveGroup::register(&child)?;
         let copies = [
             copy_to_log(
@@ -153,6 +185,28 @@ impl JobCommand {
         let status =
             status.map_err(|err| Error::system(format!("waiting for {}: {err}", self.program)))?;
         Ok(exit_code(status))
+    }
+
+    fn spawn(&mut self) -> Result<Child> {
+        let cannot_start = |err| Error::system(format!("cannot start {}: {err}", self.program));
+        let Some(around) = &mut self.around_spawn else {
+            return self.command.spawn().map_err(cannot_start);
+        };
+        (around.enter)().map_err(cannot_start)?;
+        let spawned = self.command.spawn();
+        if let Err(err) = (around.leave)() {
+            if let Some(pid) = spawned
+                .as_ref()
+                .ok()
+                .and_then(Child::id)
+                .and_then(|id| i32::try_from(id).ok())
+            {
+                // Its whole group (`process_group(0)`): what it may have started already goes too.
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            return Err(cannot_start(err));
+        }
+        spawned.map_err(cannot_start)
     }
 }
 

@@ -4,7 +4,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::util::{DRIVER, Settings, drover, processes_with, run_job};
+use crate::util::{
+    DRIVER, Settings, drover, processes_left, processes_with, run_job, unique_sleep,
+};
 
 #[test]
 fn passes_the_conformance_suite_run_by_the_drover_cli() {
@@ -151,4 +153,207 @@ fn the_cli_finds_the_driver_by_name_beside_itself_and_by_relative_path() {
             "{driver}: {log}"
         );
     }
+}
+
+/// Whether this host lets the driver track a job's processes in a cgroup v2 of its own: it
+/// runs as root (so the driver's cgroup is writable) and a cgroup2 hierarchy is mounted.
+fn cgroup_v2_writable() -> bool {
+    nix::unistd::geteuid().is_root()
+        && std::fs::read_to_string("/proc/self/mountinfo")
+            .is_ok_and(|mounts| mounts.lines().any(|line| line.contains(" - cgroup2 ")))
+}
+
+/// Runs a job whose script starts a process that drops the job's tag variable and leaves its
+/// process group, and one orphaned by a double fork; after_script reports any that survived
+/// the script's stage. Returns the job log.
+fn run_escaping_job(settings: &Settings) -> String {
+    let untagged = unique_sleep();
+    let orphan = unique_sleep();
+    let output = run_job(
+        settings,
+        &format!(
+            "escape:\n  script:\n\
+             \x20   - env -u DROVER_LOCAL_JOB setsid sleep {untagged} > /dev/null 2>&1 < /dev/null &\n\
+             \x20   - (setsid sleep {orphan} > /dev/null 2>&1 < /dev/null &)\n\
+             \x20   - cat /proc/self/cgroup\n\
+             \x20 after_script:\n\
+             \x20   - for m in {untagged} {orphan}; do pgrep -f \"sleep $m\" > /dev/null && echo \"SURVIVED:$m\"; done; echo checked\n"
+        ),
+    );
+    let log = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{log}");
+    assert!(log.contains("checked"), "after_script did not run: {log}");
+    assert!(
+        !log.contains("SURVIVED:300."),
+        "a process outlived the stage that started it: {log}"
+    );
+    for marker in [&untagged, &orphan] {
+        let left = processes_left(&format!("sleep {marker}"), Duration::from_secs(5));
+        assert_eq!(
+            left,
+            Vec::<String>::new(),
+            "sleep {marker} outlived the job"
+        );
+    }
+    log
+}
+
+/// The job's script printed its own `/proc/self/cgroup`: is it the job's cgroup?
+fn ran_in_job_cgroup(log: &str) -> bool {
+    log.lines()
+        .any(|line| line.contains("0::/") && line.contains("/drover-default-p"))
+}
+
+#[test]
+fn an_untagged_setsid_or_double_forked_process_does_not_outlive_its_stage() {
+    let log = run_escaping_job(&Settings::new(""));
+    if cgroup_v2_writable() {
+        assert!(
+            ran_in_job_cgroup(&log),
+            "root with a cgroup2 mount, yet the job did not run in a cgroup of its own: {log}"
+        );
+    }
+}
+
+#[test]
+fn without_a_cgroup_the_subreaper_fallback_also_finds_escaped_processes() {
+    let log = run_escaping_job(&Settings::new("process_tracking = \"subreaper\"\n"));
+    assert!(
+        !ran_in_job_cgroup(&log),
+        "subreaper tracking ran the job in a cgroup: {log}"
+    );
+}
+
+#[test]
+fn doctor_never_writes_through_a_symlink_at_the_probe_name() {
+    let settings = Settings::new("");
+    let root = settings.root();
+    std::fs::create_dir_all(&root).expect("root");
+    let outside = settings.dir.path().join("outside");
+    std::fs::write(&outside, "untouched").expect("outside file");
+    let missing = settings.dir.path().join("created-through-a-link");
+    // The name doctor used to probe with, and the one next to it, each point outside root.
+    std::os::unix::fs::symlink(&outside, root.join(".doctor-probe")).expect("symlink");
+    std::os::unix::fs::symlink(&missing, root.join(".doctor-probe.new")).expect("symlink");
+
+    let output = settings.driver(&["doctor"]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("is writable"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(&outside).expect("outside file"),
+        "untouched",
+        "doctor wrote through the symlink"
+    );
+    assert!(!missing.exists(), "doctor created a file through a symlink");
+    let mut left: Vec<String> = std::fs::read_dir(&root)
+        .expect("root")
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [".doctor-probe", ".doctor-probe.new"],
+        "doctor left its probe behind or removed what was not its own"
+    );
+}
+
+#[test]
+fn with_builds_dir_set_nothing_of_the_job_is_left_under_it() {
+    let builds = tempfile::tempdir().expect("builds dir");
+    let settings = Settings::with(&format!("builds_dir = {:?}\n", builds.path()), "");
+    let output = run_job(
+        &settings,
+        "checkout:\n  script:\n    - pwd\n    - echo made > made-by-job\n",
+    );
+    let log = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{log}");
+    assert!(
+        log.contains(&format!("{}/drover-default-p", builds.path().display())),
+        "the job did not run under builds_dir: {log}"
+    );
+    let left: Vec<_> = std::fs::read_dir(builds.path())
+        .expect("builds dir")
+        .flatten()
+        .map(|entry| entry.path())
+        .collect();
+    assert_eq!(left, Vec::<std::path::PathBuf>::new(), "cleanup left these");
+}
+
+#[test]
+fn gc_removes_abandoned_job_directories_under_builds_dir_of_this_runner_only() {
+    let builds = tempfile::tempdir().expect("builds dir");
+    let settings = Settings::with(&format!("builds_dir = {:?}\n", builds.path()), "");
+    let jobs = settings.root().join("jobs");
+    let checkout = |name: &str| {
+        let project = builds.path().join(name).join("group/project");
+        std::fs::create_dir_all(&project).expect("checkout");
+        std::fs::write(project.join("README"), "checked out").expect("file");
+    };
+    let labels = |name: &str, expires: u64| {
+        std::fs::create_dir_all(jobs.join(name)).expect("job dir");
+        let labels = format!(r#"{{"drover.runner": "default", "drover.expires": "{expires}"}}"#);
+        std::fs::write(jobs.join(name).join("drover-job.json"), labels).expect("labels");
+    };
+    // Orphaned: its job directory is gone, so its cleanup ran only half-way or not at all.
+    checkout("drover-default-p1-j7");
+    // Expired: gc removes it together with its job directory.
+    checkout("drover-default-p1-j8");
+    labels("drover-default-p1-j8", 1);
+    // A job still running.
+    checkout("drover-default-p1-j9");
+    labels("drover-default-p1-j9", u64::MAX / 2);
+    // Another runner's ("default-2" shares the prefix "drover-default-"), and not a job's.
+    checkout("drover-other-p1-j10");
+    checkout("drover-default-2-p1-j11");
+    checkout("unrelated");
+    // An orphaned name that is a symlink: gc removes the link, never what it points to.
+    let outside = tempfile::tempdir().expect("outside");
+    std::fs::write(outside.path().join("keep"), "keep").expect("file");
+    std::os::unix::fs::symlink(outside.path(), builds.path().join("drover-default-p1-j12"))
+        .expect("symlink");
+
+    let dry = settings.driver(&["gc", "--dry-run"]);
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(dry.status.success(), "{text}");
+    assert!(text.contains("drover-default-p1-j7"), "{text}");
+    assert!(
+        builds.path().join("drover-default-p1-j7").exists(),
+        "a dry run removed something"
+    );
+
+    let real = settings.driver(&["gc"]);
+    let text = String::from_utf8_lossy(&real.stdout);
+    assert!(real.status.success(), "{text}");
+    for gone in [
+        "drover-default-p1-j7",
+        "drover-default-p1-j8",
+        "drover-default-p1-j12",
+    ] {
+        assert!(
+            builds.path().join(gone).symlink_metadata().is_err(),
+            "gc left {gone}: {text}"
+        );
+    }
+    assert!(!jobs.join("drover-default-p1-j8").exists(), "{text}");
+    for kept in [
+        "drover-default-p1-j9",
+        "drover-other-p1-j10",
+        "drover-default-2-p1-j11",
+        "unrelated",
+    ] {
+        assert!(
+            builds
+                .path()
+                .join(kept)
+                .join("group/project/README")
+                .exists(),
+            "gc removed {kept}: {text}"
+        );
+    }
+    assert!(
+        outside.path().join("keep").exists(),
+        "gc followed the symlink"
+    );
 }

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 pub const DRIVER: &str = env!("CARGO_BIN_EXE_drover-local");
 
@@ -21,9 +22,18 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Settings with `extra` in the `[driver]` table.
     pub fn new(extra: &str) -> Settings {
+        Settings::with("", extra)
+    }
+
+    /// Settings with `top` before the `[driver]` table (e.g. `builds_dir`) and `extra` in it.
+    pub fn with(top: &str, extra: &str) -> Settings {
         let dir = tempfile::tempdir().expect("temp dir");
-        let text = format!("[driver]\nroot = {:?}\n{extra}", dir.path().join("root"));
+        let text = format!(
+            "{top}[driver]\nroot = {:?}\n{extra}",
+            dir.path().join("root")
+        );
         std::fs::write(dir.path().join("local.toml"), text).expect("settings");
         Settings { dir }
     }
@@ -58,6 +68,26 @@ pub fn run_job(settings: &Settings, job_yaml: &str) -> Output {
         .arg(settings.path())
         .output()
         .expect("drover runs")
+}
+
+/// A number for `sleep` that no other test or process uses: a job's processes are found by it.
+pub fn unique_sleep() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Fixed widths, so no marker is a prefix of another.
+    format!("300.{:07}{n:03}", std::process::id())
+}
+
+/// The processes whose command line holds `needle`, once they are gone or after `bound`.
+pub fn processes_left(needle: &str, bound: Duration) -> Vec<String> {
+    let deadline = Instant::now() + bound;
+    loop {
+        let left = processes_with(needle);
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 pub fn processes_with(needle: &str) -> Vec<String> {
