@@ -91,6 +91,11 @@ impl Job {
         self.policy.resolve(&self.env)
     }
 
+    /// The operator's policy, e.g. for the limits of containers beside the job's own.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
     /// The job timeout GitLab set (§4.2).
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.response.runner_info.effective_timeout_secs())

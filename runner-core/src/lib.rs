@@ -26,10 +26,10 @@
 
 pub use drover_protocol as protocol;
 
+pub mod channel;
 mod driver;
 mod entry;
 mod error;
-pub mod fifo;
 mod job;
 mod log;
 pub mod naming;
@@ -47,7 +47,7 @@ pub use error::{Error, ErrorClass, Result, ResultExt};
 pub use job::Job;
 pub use log::{Stream, progress as progress_line, write_all};
 pub use naming::ResourceNames;
-pub use policy::{Policy, Resources};
+pub use policy::{Limits, Policy, Resources};
 pub use process::{JobCommand, KILL_GRACE};
 pub use retry::{Backoff, retry};
 pub use settings::Settings;

@@ -19,6 +19,12 @@ pub const MEMORY_VARIABLE: &str = "DROVER_MEMORY";
 /// Job variable naming operator-offered mounts, comma-separated.
 pub const MOUNTS_VARIABLE: &str = "DROVER_MOUNTS";
 
+/// The fewest CPUs a limit may give: container engines count CPUs in billionths, and a request
+/// small enough to round to nothing would be no limit at all.
+pub const MIN_CPUS: f64 = 0.01;
+/// The least memory a limit may give (Docker's own lower bound): below it nothing starts.
+pub const MIN_MEMORY_BYTES: u64 = 6 << 20;
+
 /// The operator's `[policy]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,6 +51,31 @@ pub struct Policy {
     /// Mounts a job may ask for by name in `DROVER_MOUNTS`.
     #[serde(default)]
     pub mounts: BTreeMap<String, Mount>,
+    /// Images a job's `services:` may name, as globs; unset: `allowed_images` applies to them
+    /// too. A service runs beside the job with the same reach, so it is never unchecked.
+    #[serde(default)]
+    pub allowed_services: Option<Vec<String>>,
+    /// CPUs of each service container; unset: `cpus`.
+    #[serde(default)]
+    pub service_cpus: Option<f64>,
+    /// Memory of each service container; unset: `memory`.
+    #[serde(default)]
+    pub service_memory: Option<String>,
+    /// CPUs of the helper container (git, cache and artifacts); unset: `cpus`.
+    #[serde(default)]
+    pub helper_cpus: Option<f64>,
+    /// Memory of the helper container; unset: `memory`.
+    #[serde(default)]
+    pub helper_memory: Option<String>,
+}
+
+/// The CPU and memory limits of a container beside the job (a service, the helper).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Limits {
+    /// CPUs.
+    pub cpus: Option<f64>,
+    /// Memory in bytes.
+    pub memory_bytes: Option<u64>,
 }
 
 /// A host path offered to jobs.
@@ -85,12 +116,68 @@ impl Resources {
 
 impl Policy {
     pub(crate) fn validate(&self) -> Result<()> {
-        for (name, value) in [("memory", &self.memory), ("max_memory", &self.max_memory)] {
+        for (name, value) in [
+            ("memory", &self.memory),
+            ("max_memory", &self.max_memory),
+            ("service_memory", &self.service_memory),
+            ("helper_memory", &self.helper_memory),
+        ] {
             if let Some(value) = value {
-                parse_memory(value).map_err(|e| Error::system(format!("policy.{name}: {e}")))?;
+                let bytes = parse_memory(value)
+                    .map_err(|e| Error::system(format!("policy.{name}: {e}")))?;
+                if bytes < MIN_MEMORY_BYTES {
+                    return Err(Error::system(format!(
+                        "policy.{name} is below the least memory a job can run in, {} MiB",
+                        MIN_MEMORY_BYTES >> 20
+                    )));
+                }
+            }
+        }
+        for (name, value) in [
+            ("cpus", self.cpus),
+            ("max_cpus", self.max_cpus),
+            ("service_cpus", self.service_cpus),
+            ("helper_cpus", self.helper_cpus),
+        ] {
+            if value.is_some_and(|cpus| !cpus_in_range(cpus, f64::MAX)) {
+                return Err(Error::system(format!(
+                    "policy.{name} must be a number of CPUs of at least {MIN_CPUS}"
+                )));
             }
         }
         Ok(())
+    }
+
+    /// The limits of service `image`, if the policy lets jobs run it; the error names the
+    /// setting that refused it.
+    pub fn service(&self, image: &str) -> Result<Limits> {
+        let (allowed, setting) = match &self.allowed_services {
+            Some(list) => (list, "policy.allowed_services"),
+            None => (&self.allowed_images, "policy.allowed_images"),
+        };
+        if !allowed.is_empty() && !allowed.iter().any(|glob| glob_matches(glob, image)) {
+            return Err(Error::system(format!(
+                "service image {image:?} is not allowed by the operator's {setting} ({}); use one of those or ask the operator to add it",
+                allowed.join(", ")
+            )));
+        }
+        self.limits(self.service_cpus, self.service_memory.as_deref())
+    }
+
+    /// The limits of the helper container.
+    pub fn helper(&self) -> Result<Limits> {
+        self.limits(self.helper_cpus, self.helper_memory.as_deref())
+    }
+
+    fn limits(&self, cpus: Option<f64>, memory: Option<&str>) -> Result<Limits> {
+        let memory = memory.or(self.memory.as_deref());
+        Ok(Limits {
+            cpus: cpus.or(self.cpus),
+            memory_bytes: memory
+                .map(parse_memory)
+                .transpose()
+                .map_err(Error::system)?,
+        })
     }
 
     /// Decides the job's resources from what it asked for.
@@ -129,9 +216,9 @@ impl Policy {
             .max_cpus
             .ok_or_else(|| refused(CPUS_VARIABLE, "policy.max_cpus"))?;
         match asked.trim().parse::<f64>() {
-            Ok(cpus) if cpus > 0.0 && cpus <= max => Ok(Some(cpus)),
+            Ok(cpus) if cpus_in_range(cpus, max) => Ok(Some(cpus)),
             _ => Err(Error::system(format!(
-                "{CPUS_VARIABLE}={asked:?} must be a number above 0 and at most {max} (policy.max_cpus)"
+                "{CPUS_VARIABLE}={asked:?} must be a number of CPUs from {MIN_CPUS} to {max} (policy.max_cpus)"
             ))),
         }
     }
@@ -152,9 +239,10 @@ impl Policy {
             .ok_or_else(|| refused(MEMORY_VARIABLE, "policy.max_memory"))?;
         let max = parse_memory(max_text).map_err(Error::system)?;
         match parse_memory(asked) {
-            Ok(bytes) if bytes > 0 && bytes <= max => Ok(Some(bytes)),
+            Ok(bytes) if (MIN_MEMORY_BYTES..=max).contains(&bytes) => Ok(Some(bytes)),
             _ => Err(Error::system(format!(
-                "{MEMORY_VARIABLE}={asked:?} must be a size like 512MiB or 2G, at most {max_text} (policy.max_memory)"
+                "{MEMORY_VARIABLE}={asked:?} must be a size like 512MiB or 2G, from {} MiB to {max_text} (policy.max_memory)",
+                MIN_MEMORY_BYTES >> 20
             ))),
         }
     }
@@ -178,6 +266,11 @@ impl Policy {
             })
             .collect()
     }
+}
+
+/// Whether `cpus` is a number of CPUs a limit can give: finite, at least [`MIN_CPUS`].
+fn cpus_in_range(cpus: f64, max: f64) -> bool {
+    cpus.is_finite() && (MIN_CPUS..=max).contains(&cpus)
 }
 
 fn refused(variable: &str, setting: &str) -> Error {
@@ -308,6 +401,64 @@ mod tests {
         assert!(open.resolve(&job(&[("DROVER_CPUS", "8")])).is_err());
         assert!(open.resolve(&job(&[("DROVER_MEMORY", "8G")])).is_err());
         assert!(open.resolve(&job(&[("DROVER_MEMORY", "lots")])).is_err());
+    }
+
+    #[test]
+    fn requests_below_the_floors_are_refused() {
+        let open = Policy {
+            max_cpus: Some(4.0),
+            max_memory: Some("4GiB".into()),
+            ..Policy::default()
+        };
+        for cpus in ["0.0000000001", "0", "-1", "NaN", "inf", "1e-3"] {
+            let err = open
+                .resolve(&job(&[("DROVER_CPUS", cpus)]))
+                .expect_err(cpus);
+            assert!(err.to_string().contains("from 0.01 to 4"), "{cpus}: {err}");
+        }
+        assert_eq!(
+            open.resolve(&job(&[("DROVER_CPUS", "0.01")]))
+                .expect("floor")
+                .cpus,
+            Some(0.01)
+        );
+        for memory in ["1", "5MiB", "0"] {
+            assert!(
+                open.resolve(&job(&[("DROVER_MEMORY", memory)])).is_err(),
+                "{memory}"
+            );
+        }
+        let tiny = Policy {
+            cpus: Some(1e-10),
+            ..Policy::default()
+        };
+        assert!(tiny.validate().is_err());
+    }
+
+    #[test]
+    fn services_go_through_an_allow_list_and_get_limits_of_their_own() {
+        let policy = Policy {
+            allowed_images: vec!["debian:*".into()],
+            cpus: Some(2.0),
+            memory: Some("1GiB".into()),
+            service_memory: Some("256MiB".into()),
+            ..Policy::default()
+        };
+        let err = policy.service("evil/miner:1").expect_err("refused");
+        assert!(
+            err.to_string().contains("policy.allowed_images (debian:*)"),
+            "{err}"
+        );
+        let limits = policy.service("debian:12").expect("allowed");
+        assert_eq!(limits.cpus, Some(2.0));
+        assert_eq!(limits.memory_bytes, Some(256 << 20));
+        let own_list = Policy {
+            allowed_services: Some(vec!["redis:*".into()]),
+            ..policy.clone()
+        };
+        assert!(own_list.service("redis:7").is_ok());
+        assert!(own_list.service("debian:12").is_err());
+        assert_eq!(policy.helper().expect("helper").memory_bytes, Some(1 << 30));
     }
 
     #[test]

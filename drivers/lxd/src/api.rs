@@ -6,13 +6,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use drover_core::{Error, Result, Stream, write_all};
-use futures_util::StreamExt;
+use bytes::Bytes;
+use drover_core::channel::{Chunk, Output};
+use drover_core::{Error, Result, Stream};
+use futures_util::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
 use crate::tls;
 
@@ -23,11 +24,93 @@ pub const DEFAULT_SOCKETS: &[&str] = &[
     "/var/lib/incus/unix.socket",
 ];
 
+/// How long the daemon may take to open an exec's websockets (it gives up after about 5 s).
+const WEBSOCKET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Seconds a background operation (create, start, stop, delete) may take.
 const OPERATION_TIMEOUT_SECS: u64 = 120;
 
 /// The port of `https://` endpoints that name none (LXD's default).
 const DEFAULT_HTTPS_PORT: u16 = 8443;
+
+/// A failed API call: the status LXD gave it (the HTTP-like `error_code` of a refused
+/// request, or the `status_code` of a failed background operation) and its message. Callers
+/// decide by the status, never by the text.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("LXD {call}: {message} ({status})")]
+pub struct ApiError {
+    /// What was called, e.g. `DELETE /1.0/instances/x`.
+    pub call: String,
+    /// The status.
+    pub status: u64,
+    /// LXD's message.
+    pub message: String,
+}
+
+impl ApiError {
+    /// The object does not exist.
+    pub fn is_not_found(&self) -> bool {
+        self.status == 404
+    }
+
+    /// The name is taken.
+    pub fn is_conflict(&self) -> bool {
+        self.status == 409
+    }
+}
+
+impl From<ApiError> for Error {
+    fn from(err: ApiError) -> Error {
+        // The daemon's own trouble may pass; a refused request will not.
+        if err.status >= 500 {
+            Error::transient(err)
+        } else {
+            Error::system(err)
+        }
+    }
+}
+
+/// The result of an API call: an [`ApiError`] the caller can look at, or any other failure
+/// (the daemon unreachable, an unreadable answer).
+pub type ApiResult<T> = std::result::Result<T, Failure>;
+
+/// Why an API call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// LXD answered with an error.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// Anything else.
+    #[error("{0}")]
+    Other(Error),
+}
+
+impl Failure {
+    /// Whether LXD said the object does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Failure::Api(err) if err.is_not_found())
+    }
+
+    /// Whether LXD said the name is taken.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Failure::Api(err) if err.is_conflict())
+    }
+}
+
+impl From<Failure> for Error {
+    fn from(failure: Failure) -> Error {
+        match failure {
+            Failure::Api(err) => err.into(),
+            Failure::Other(err) => err,
+        }
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(err: Error) -> Failure {
+        Failure::Other(err)
+    }
+}
 
 /// A client of one LXD daemon.
 #[derive(Clone)]
@@ -138,7 +221,7 @@ impl Lxd {
 
     /// One API call; returns the response's `metadata`, or for a background operation the
     /// operation's path in `operation`.
-    async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+    async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> ApiResult<Value> {
         let mut request = self
             .http
             .request(method.clone(), format!("{}{path}", self.base()));
@@ -151,16 +234,17 @@ impl Lxd {
             Error::system(format!("LXD {method} {path}: unreadable answer: {err}"))
         })?;
         if value["type"] == "error" || !status.is_success() {
-            let message = value["error"].as_str().unwrap_or("unknown error");
-            let code = value["error_code"]
-                .as_u64()
-                .unwrap_or(u64::from(status.as_u16()));
-            let err = format!("LXD {method} {path}: {message} ({code})");
-            return Err(if code >= 500 {
-                Error::transient(err)
-            } else {
-                Error::system(err)
-            });
+            return Err(ApiError {
+                call: format!("{method} {path}"),
+                status: value["error_code"]
+                    .as_u64()
+                    .unwrap_or(u64::from(status.as_u16())),
+                message: value["error"]
+                    .as_str()
+                    .unwrap_or("unknown error")
+                    .to_owned(),
+            }
+            .into());
         }
         Ok(value)
     }
@@ -186,7 +270,7 @@ impl Lxd {
     }
 
     /// Waits for a background operation and returns its metadata; fails with its error.
-    async fn wait(&self, answer: &Value) -> Result<Value> {
+    async fn wait(&self, answer: &Value) -> ApiResult<Value> {
         // Synchronous answers (e.g. creating a custom volume) carry an empty operation.
         let Some(operation) = answer["operation"].as_str().filter(|op| !op.is_empty()) else {
             return Ok(answer["metadata"].clone());
@@ -199,28 +283,32 @@ impl Lxd {
             )
             .await?;
         let metadata = done["metadata"].clone();
-        if metadata["status_code"].as_u64() != Some(200) {
-            return Err(Error::system(format!(
-                "LXD operation {}: {}",
-                metadata["description"].as_str().unwrap_or(operation),
-                metadata["err"].as_str().unwrap_or("failed")
-            )));
+        match metadata["status_code"].as_u64() {
+            Some(200) => Ok(metadata),
+            status => Err(ApiError {
+                call: format!(
+                    "operation {}",
+                    metadata["description"].as_str().unwrap_or(operation)
+                ),
+                status: status.unwrap_or(0),
+                message: metadata["err"].as_str().unwrap_or("failed").to_owned(),
+            }
+            .into()),
         }
-        Ok(metadata)
     }
 
     /// Checks the daemon answers; returns its name and version, e.g. `lxd 5.0.2`.
     pub async fn describe(&self) -> Result<String> {
-        let info = self.call(Method::GET, "/1.0", None).await?;
+        let info = self.get("/1.0").await?;
         // An untrusted client is answered too, with next to nothing; every later call would
         // fail with a bare "not authorized".
-        if info["metadata"]["auth"] == "untrusted" {
+        if info["auth"] == "untrusted" {
             return Err(Error::system(format!(
                 "the LXD daemon at {} does not trust client_cert; on the server, `lxc config trust add` it",
                 self.endpoint
             )));
         }
-        let environment = &info["metadata"]["environment"];
+        let environment = &info["environment"];
         Ok(format!(
             "{} {}",
             environment["server"].as_str().unwrap_or("lxd"),
@@ -231,23 +319,27 @@ impl Lxd {
     /// The full fingerprint of `image`, an alias or a fingerprint (or its unique start);
     /// None when the daemon has no such image.
     pub async fn image_fingerprint(&self, image: &str) -> Result<Option<String>> {
-        if let Ok(alias) = self.get(&format!("/1.0/images/aliases/{image}")).await {
-            return Ok(alias["target"].as_str().map(str::to_owned));
+        match self.get(&format!("/1.0/images/aliases/{image}")).await {
+            Ok(alias) => return Ok(alias["target"].as_str().map(str::to_owned)),
+            Err(err) if err.is_not_found() => {}
+            Err(err) => return Err(err.into()),
         }
         match self.get(&format!("/1.0/images/{image}")).await {
             Ok(found) => Ok(found["fingerprint"].as_str().map(str::to_owned)),
-            Err(err) if err.to_string().contains("(404)") => Ok(None),
-            Err(err) => Err(err),
+            Err(err) if err.is_not_found() => Ok(None),
+            Err(err) => Err(err.into()),
         }
     }
 
-    /// The instances a running operation works on (being created, started, deleted...).
+    /// The instances a running operation works on (being created, started, deleted...);
+    /// commands running in an instance (execs) do not count.
     pub async fn busy_instances(&self) -> Result<Vec<String>> {
         let operations = self.get("/1.0/operations?recursion=1").await?;
         Ok(operations["running"]
             .as_array()
             .into_iter()
             .flatten()
+            .filter(|operation| operation["metadata"]["command"].is_null())
             .flat_map(|operation| {
                 operation["resources"]["instances"]
                     .as_array()
@@ -268,6 +360,7 @@ impl Lxd {
         self.call_and_wait(Method::POST, &format!("/1.0/instances/{name}"), Some(&body))
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 
     /// Replaces an instance's writable configuration (`PUT /1.0/instances/{name}`).
@@ -275,6 +368,7 @@ impl Lxd {
         self.call_and_wait(Method::PUT, &format!("/1.0/instances/{name}"), Some(body))
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 
     /// Starts creating an instance from `body` and returns without waiting: the daemon
@@ -283,6 +377,7 @@ impl Lxd {
         self.call(Method::POST, "/1.0/instances", Some(body))
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 
     /// Starts deleting a stopped instance and returns without waiting.
@@ -290,6 +385,7 @@ impl Lxd {
         self.call(Method::DELETE, &format!("/1.0/instances/{name}"), None)
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 
     /// Makes the custom storage volume `name` in `pool` unless it exists.
@@ -307,10 +403,10 @@ impl Lxd {
             )
             .await;
         match created {
-            Ok(answer) => self.wait(&answer).await.map(|_| ()),
+            Ok(answer) => Ok(self.wait(&answer).await.map(|_| ())?),
             // A job of the same project made it meanwhile.
-            Err(err) if err.to_string().contains("already exists") => Ok(()),
-            Err(err) => Err(err),
+            Err(err) if err.is_conflict() => Ok(()),
+            Err(err) => Err(err.into()),
         }
     }
 
@@ -320,7 +416,7 @@ impl Lxd {
         method: Method,
         path: &str,
         body: Option<&Value>,
-    ) -> Result<Value> {
+    ) -> ApiResult<Value> {
         let answer = self.call(method, path, body).await?;
         self.wait(&answer).await
     }
@@ -330,6 +426,7 @@ impl Lxd {
         self.call_and_wait(Method::POST, "/1.0/instances", Some(body))
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 
     /// Starts or stops an instance.
@@ -339,6 +436,7 @@ impl Lxd {
         self.call_and_wait(Method::PUT, &path, Some(&body))
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 
     /// Stops and deletes an instance; one that is already gone is fine (cleanup runs more
@@ -347,42 +445,40 @@ impl Lxd {
     pub async fn delete(&self, name: &str) -> Result<()> {
         let deadline =
             tokio::time::Instant::now() + std::time::Duration::from_secs(OPERATION_TIMEOUT_SECS);
-        loop {
-            match self.try_delete(name).await {
-                Err(err)
-                    if err.to_string().contains("is busy")
-                        && tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-                }
-                other => return other,
+        while self.busy_instances().await?.iter().any(|busy| busy == name) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::system(format!(
+                    "instance {name} stayed busy with another operation for {OPERATION_TIMEOUT_SECS} s"
+                )));
             }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         }
-    }
-
-    async fn try_delete(&self, name: &str) -> Result<()> {
         match self.instance(name).await {
-            Err(err) if err.to_string().contains("(404)") => return Ok(()),
-            Err(err) => return Err(err),
+            Err(err) if err.is_not_found() => return Ok(()),
+            Err(err) => return Err(err.into()),
             Ok(instance) => {
                 if instance["status"] != "Stopped" {
                     self.set_state(name, "stop").await?;
                 }
             }
         }
-        self.call_and_wait(Method::DELETE, &format!("/1.0/instances/{name}"), None)
+        match self
+            .call_and_wait(Method::DELETE, &format!("/1.0/instances/{name}"), None)
             .await
-            .map(|_| ())
+        {
+            Err(err) if err.is_not_found() => Ok(()),
+            other => Ok(other.map(|_| ())?),
+        }
     }
 
     /// The metadata of any object of the API, e.g. `/1.0/profiles/default`.
-    pub async fn get(&self, path: &str) -> Result<Value> {
+    pub async fn get(&self, path: &str) -> ApiResult<Value> {
         let answer = self.call(Method::GET, path, None).await?;
         Ok(answer["metadata"].clone())
     }
 
     /// One instance with its config and devices.
-    pub async fn instance(&self, name: &str) -> Result<Value> {
+    pub async fn instance(&self, name: &str) -> ApiResult<Value> {
         self.get(&format!("/1.0/instances/{name}")).await
     }
 
@@ -447,16 +543,14 @@ impl Lxd {
         exit_status(&done)
     }
 
-    /// Runs `command` with its stdout and stderr streamed to the driver's as they arrive, and
-    /// returns its exit status. When `cancel` fires, `on_cancel` runs (a second exec that stops
-    /// the command's process group): the runner's SIGTERM reaches only the driver (§6.3).
-    pub async fn exec_streaming(
+    /// Starts `command` in instance `name` with `stdin` as its whole input, and returns its
+    /// stdout and stderr as they come over the operation's websockets.
+    pub async fn exec(
         &self,
         name: &str,
-        command: &[&str],
-        cancel: &CancellationToken,
-        on_cancel: &[&str],
-    ) -> Result<i32> {
+        command: &[String],
+        stdin: Bytes,
+    ) -> Result<Output<'static>> {
         let body = json!({"command": command, "wait-for-websocket": true, "interactive": false});
         let answer = self
             .call(
@@ -478,42 +572,58 @@ impl Lxd {
         };
         // LXD waits about 5 s for every websocket, so all four connect at once.
         let [s0, s1, s2, sc] = [secret("0")?, secret("1")?, secret("2")?, secret("control")?];
-        let (stdin, stdout, stderr, control) = tokio::try_join!(
-            self.websocket(&operation, &s0),
-            self.websocket(&operation, &s1),
-            self.websocket(&operation, &s2),
-            self.websocket(&operation, &sc),
-        )?;
-        // No input: EOF at once.
-        let mut stdin = stdin;
-        let _ = stdin.close(None).await;
-        let copy = |mut socket: WebSocket, stream: Stream| async move {
-            while let Some(Ok(message)) = socket.next().await {
-                match message {
-                    Message::Binary(bytes) => {
-                        let _ = write_all(stream, &bytes);
-                    }
-                    Message::Text(text) => {
-                        let _ = write_all(stream, text.as_bytes());
-                    }
-                    Message::Close(_) => break,
-                    _ => {}
-                }
-            }
-        };
-        let output =
-            futures_util::future::join(copy(stdout, Stream::Stdout), copy(stderr, Stream::Stderr));
-        tokio::pin!(output);
-        tokio::select! {
-            _ = &mut output => {}
-            () = cancel.cancelled() => {
-                let _ = self.exec_quiet(name, on_cancel).await;
-                output.await;
-            }
+        let (mut input, stdout, stderr, control) = tokio::time::timeout(WEBSOCKET_TIMEOUT, async {
+            tokio::try_join!(
+                self.websocket(&operation, &s0),
+                self.websocket(&operation, &s1),
+                self.websocket(&operation, &s2),
+                self.websocket(&operation, &sc),
+            )
+        })
+        .await
+        .map_err(|_| {
+            Error::system(format!(
+                "LXD at {} did not open the exec's websockets within {} s",
+                self.endpoint,
+                WEBSOCKET_TIMEOUT.as_secs()
+            ))
+        })??;
+        if !stdin.is_empty() {
+            input.send(Message::Binary(stdin)).await.map_err(|err| {
+                Error::system(format!("cannot send the script to instance {name}: {err}"))
+            })?;
         }
-        drop(control);
-        let done = self.wait(&json!({"operation": operation})).await?;
-        exit_status(&done)
+        // EOF on the command's stdin: it has all of it.
+        let _ = input.close(None).await;
+        // A websocket ends with a close frame, or, when the command exits at once, with the
+        // daemon resetting it: either way there is no more output. A stream cut short is
+        // still noticed, by the missing exit line of the stage (see `drover_core::channel`).
+        let chunks = |socket: WebSocket, stream: Stream| {
+            socket
+                .take_while(|message| {
+                    std::future::ready(matches!(message, Ok(message) if !message.is_close()))
+                })
+                .filter_map(move |message| {
+                    std::future::ready(match message {
+                        Ok(Message::Binary(bytes)) => Some(Ok(Chunk { stream, bytes })),
+                        Ok(Message::Text(text)) => Some(Ok(Chunk {
+                            stream,
+                            bytes: Bytes::from(text.as_bytes().to_vec()),
+                        })),
+                        _ => None,
+                    })
+                })
+        };
+        let output = futures_util::stream::select(
+            chunks(stdout, Stream::Stdout),
+            chunks(stderr, Stream::Stderr),
+        );
+        // The control and input sockets stay open as long as the output is read.
+        let keep = (control, input);
+        Ok(Box::pin(output.map(move |chunk| {
+            let _ = &keep;
+            chunk
+        })))
     }
 
     async fn websocket(&self, operation: &str, secret: &str) -> Result<WebSocket> {

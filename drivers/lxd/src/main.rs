@@ -27,8 +27,9 @@ mod stages;
 mod tls;
 
 use api::{Lxd, Remote};
+use drover_core::channel::{ChannelDir, MOUNT};
 use spares::Pool;
-use stages::StageDir;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 
 /// The `builds_dir` inside every instance (§2).
 const BUILDS_DIR: &str = "/builds";
@@ -176,13 +177,13 @@ impl Driver for LxdDriver {
         // An instance of the same name can only be left from an earlier attempt (§5.1).
         lxd.delete(&name).await?;
 
-        let stage_dir = self.stage_dir(&name);
+        let channel = self.channel_path(&name);
         // The fast stage path needs FIFOs shared with the instance: a container of a daemon on
         // this host (see `stages`).
-        let shared =
-            (lxd.is_local() && self.settings.instance_type == "container").then_some(&stage_dir);
-        if let Some(stage_dir) = shared {
-            stage_dir.create()?;
+        let shared = lxd.is_local() && self.settings.instance_type == "container";
+        ChannelDir::remove(&channel);
+        if shared {
+            ChannelDir::create(&channel)?;
         }
         let body = self.instance_body(&lxd, job, &fingerprint, shared).await?;
         let pool = Pool {
@@ -205,14 +206,18 @@ impl Driver for LxdDriver {
                 // core does not wait for it, §6.3): if the name is taken again, remove it and
                 // retry.
                 let create = || async {
-                    match lxd.create(&body).await {
-                        Err(err) if err.to_string().contains("already exists") => {
+                    let Err(err) = lxd.create(&body).await else {
+                        return Ok(());
+                    };
+                    match lxd.instance(&name).await {
+                        // The name was taken after all.
+                        Ok(_) => {
                             lxd.delete(&name).await?;
                             Err(Error::transient(format!(
                                 "instance {name} was still being created by an earlier attempt"
                             )))
                         }
-                        other => other,
+                        Err(_) => Err(err),
                     }
                 };
                 let deadline = Some(job.deadline());
@@ -229,30 +234,27 @@ impl Driver for LxdDriver {
         self.start(&lxd, job, &pool, shared, started).await
     }
 
-    /// The script goes to the instance's dispatcher when prepare started one (see `stages`);
-    /// otherwise it is copied in with the files API and run with an exec.
+    /// The script goes to the instance's stage agent when prepare started one (see `stages`);
+    /// otherwise it runs with an exec.
     async fn run(&self, job: &Job, script: &Script) -> Result<i32> {
-        let lxd = self.connect()?;
         let name = job.names().job();
-        let stage_dir = self.stage_dir(&name);
-        if stage_dir.ready() {
-            return stage_dir
-                .run(
-                    &lxd,
-                    &name,
-                    &script.read().await?,
-                    &self.settings.shell,
-                    job.cancel_token(),
-                )
-                .await;
-        }
-        self.run_with_exec(&lxd, &name, job, script).await
+        let connect = || self.connect();
+        let exec = stages::InstanceExec::new(&name, &connect);
+        let body = script.read().await?;
+        stages::run(
+            &exec,
+            &self.channel_path(&name),
+            &self.settings.shell,
+            &body,
+            job.cancel_token(),
+        )
+        .await
     }
 
     async fn cleanup(&self, job: &Job) -> Result<()> {
         let name = job.names().job();
         self.connect()?.delete(&name).await?;
-        self.stage_dir(&name).remove();
+        ChannelDir::remove(&self.channel_path(&name));
         Ok(())
     }
 
@@ -296,7 +298,7 @@ impl Driver for LxdDriver {
             }
             if !request.dry_run {
                 lxd.delete(&name).await?;
-                self.stage_dir(&name).remove();
+                ChannelDir::remove(&self.channel_path(&name));
             }
             report.removed.push(name);
         }
@@ -374,7 +376,7 @@ impl LxdDriver {
         lxd: &Lxd,
         job: &Job,
         fingerprint: &str,
-        stage_dir: Option<&StageDir>,
+        shared: bool,
     ) -> Result<Value> {
         let resources = job.resources()?;
         let mut config: serde_json::Map<String, Value> = job
@@ -390,10 +392,12 @@ impl LxdDriver {
         }
         let mut devices = serde_json::Map::new();
         devices.insert("drover-cache".into(), self.cache_device(lxd, job).await?);
-        if let Some(stage_dir) = stage_dir {
+        if shared {
+            // Read-only: the job can use the FIFOs in it, never change what is there (see
+            // `drover_core::channel::ChannelDir`).
             devices.insert(
                 "drover-io".into(),
-                json!({"type": "disk", "source": stage_dir.path().display().to_string(), "path": stages::IO_DIR}),
+                json!({"type": "disk", "source": self.channel_path(&job.names().job()).display().to_string(), "path": MOUNT, "readonly": "true"}),
             );
         }
         for (device, options) in &self.settings.devices {
@@ -416,28 +420,30 @@ impl LxdDriver {
     }
 
     /// Starts the job's instance (created or taken from the spares), waits until it runs
-    /// commands, starts the stage dispatcher when the instance shares `stage_dir`, copies
-    /// gitlab-runner in when needed, and tops the spares up again.
+    /// commands, starts the stage agent when the instance shares its channel directory,
+    /// copies gitlab-runner in when needed, and tops the spares up again.
     async fn start(
         &self,
         lxd: &Lxd,
         job: &Job,
         pool: &Pool<'_>,
-        stage_dir: Option<&StageDir>,
+        shared: bool,
         started: Instant,
     ) -> Result<()> {
         let name = job.names().job();
+        if lxd.is_local() {
+            self.hand_cache_to(job, root_owner(&lxd.instance(&name).await?))?;
+        }
         lxd.set_state(&name, "start").await?;
         self.wait_until_ready(lxd, &name, job).await?;
-        if let Some(stage_dir) = stage_dir {
-            let owner = stages::root_owner(&lxd.instance(&name).await?);
-            if let Err(err) = stage_dir
-                .start(lxd, &name, &self.settings.shell, owner)
-                .await
-            {
+        if shared {
+            let connect = || self.connect();
+            let exec = stages::InstanceExec::with_client(&name, lxd, &connect);
+            let channel = self.channel_path(&name);
+            if let Err(err) = stages::start_agent(&exec, &channel, &self.settings.shell).await {
                 progress!(
-                    "No stage dispatcher through {} ({err}); each stage runs as an exec",
-                    stage_dir.path().display()
+                    "No stage channel through {} ({err}); each stage runs as an exec",
+                    channel.display()
                 );
             }
         }
@@ -487,49 +493,14 @@ impl LxdDriver {
         })
     }
 
-    /// The script is copied in with the files API and run by the job's shell in a session of
-    /// its own (setsid), so a cancel can stop its whole process group inside the instance.
-    async fn run_with_exec(
-        &self,
-        lxd: &Lxd,
-        name: &str,
-        job: &Job,
-        script: &Script,
-    ) -> Result<i32> {
-        let stage = format!("/tmp/drover-{:016x}", fastrand::u64(..));
-        lxd.push_file(name, &format!("{stage}.sh"), script.read().await?, "0700")
-            .await?;
-        let wrapper = format!(
-            "echo $$ > {stage}.pid; \"$0\" {stage}.sh </dev/null; status=$?; rm -f {stage}.sh {stage}.pid; exit $status"
-        );
-        let stop = format!(
-            "kill -TERM -- -$(cat {stage}.pid) 2>/dev/null; sleep 1; kill -KILL -- -$(cat {stage}.pid) 2>/dev/null; true"
-        );
-        lxd.exec_streaming(
-            name,
-            &[
-                "setsid",
-                "-w",
-                &self.settings.shell,
-                "-c",
-                &wrapper,
-                &self.settings.shell,
-            ],
-            job.cancel_token(),
-            // The job's shell: dash's `kill` takes no process group (see `stages`).
-            &[&self.settings.shell, "-c", &stop],
-        )
-        .await
+    /// The host side of instance `name`'s channel directory.
+    fn channel_path(&self, name: &str) -> PathBuf {
+        stages::channel_path(&self.settings.state_dir, name)
     }
 
-    /// The host side of instance `name`'s stage directory.
-    fn stage_dir(&self, name: &str) -> StageDir {
-        StageDir::new(&self.settings.state_dir, name)
-    }
-
-    /// The cache at `/cache`, one per project, named from the trusted identity (§1.3) so a
-    /// job sees no other project's cache (§8): a host directory of a local daemon, a custom
-    /// storage volume of a remote one (whose host paths the driver cannot reach).
+    /// The cache at `/cache`, one per runner and project, named from the trusted identity
+    /// (§3.4) so a job sees no other project's cache (§8): a host directory of a local daemon,
+    /// a custom storage volume of a remote one (whose host paths the driver cannot reach).
     async fn cache_device(&self, lxd: &Lxd, job: &Job) -> Result<Value> {
         if lxd.is_local() {
             let dir = self.cache_dir(job)?;
@@ -545,18 +516,38 @@ impl LxdDriver {
         )
     }
 
-    /// The project's host cache directory, writable by the shifted root of unprivileged
-    /// containers.
+    /// The project's host cache directory of this runner
+    /// (`<state_dir>/cache/<runner>/p<project>`), private (0700): prepare hands it to the
+    /// instance's root (see [`Self::hand_cache_to`]) before the instance starts.
     fn cache_dir(&self, job: &Job) -> Result<PathBuf> {
-        let dir = self
-            .settings
-            .state_dir
-            .join("cache")
-            .join(format!("p{}", job.identity().project_id));
-        std::fs::create_dir_all(&dir).or_system(format_args!("cannot create {}", dir.display()))?;
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
-            .or_system(format_args!("cannot set the mode of {}", dir.display()))?;
+        let runner_dir = self.settings.state_dir.join("cache").join(&self.runner);
+        let dir = runner_dir.join(format!("p{}", job.identity().project_id));
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .or_system(format_args!("cannot create {}", dir.display()))?;
+        for private in [&runner_dir, &dir] {
+            std::fs::set_permissions(private, std::fs::Permissions::from_mode(0o700))
+                .or_system(format_args!("cannot set the mode of {}", private.display()))?;
+        }
         Ok(dir)
+    }
+
+    /// Makes the project's cache directory the instance's root's (its host ids): an
+    /// unprivileged container's root is an ordinary user on the host.
+    fn hand_cache_to(&self, job: &Job, (uid, gid): (u32, u32)) -> Result<()> {
+        let dir = self.cache_dir(job)?;
+        let current = std::fs::symlink_metadata(&dir).or_system(dir.display())?;
+        if (current.uid(), current.gid()) != (uid, gid) {
+            // The entry itself is the driver's: a job can change what is inside the directory
+            // (the root of its mount), never the entry, and lchown never follows a symlink.
+            std::os::unix::fs::lchown(&dir, Some(uid), Some(gid)).or_system(format_args!(
+                "cannot hand {} to the instance's root",
+                dir.display()
+            ))?;
+        }
+        Ok(())
     }
 
     /// Waits, bounded, until the new instance runs commands.
@@ -577,6 +568,26 @@ impl LxdDriver {
     }
 }
 
+/// The host uid and gid of an instance's root, from its id map (`volatile.idmap.next`, which
+/// becomes `volatile.idmap.current` when it starts: LXD's JSON list of ranges); a privileged
+/// container has none and is root itself.
+fn root_owner(instance: &Value) -> (u32, u32) {
+    let config = &instance["config"];
+    let map = ["volatile.idmap.next", "volatile.idmap.current"]
+        .iter()
+        .find_map(|key| config[*key].as_str())
+        .and_then(|text| serde_json::from_str::<Vec<Value>>(text).ok())
+        .unwrap_or_default();
+    let host_id_of_root = |uid: bool| {
+        map.iter()
+            .find(|range| range[if uid { "Isuid" } else { "Isgid" }] == true && range["Nsid"] == 0)
+            .and_then(|range| range["Hostid"].as_u64())
+            .and_then(|id| u32::try_from(id).ok())
+            .unwrap_or(0)
+    };
+    (host_id_of_root(true), host_id_of_root(false))
+}
+
 fn main() -> std::process::ExitCode {
     drover_core::run::<LxdDriver>()
 }
@@ -587,6 +598,24 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn the_root_of_an_unprivileged_container_is_its_mapped_host_id() {
+        let map = r#"[{"Isuid":true,"Isgid":false,"Hostid":100000,"Nsid":0,"Maprange":65536},{"Isuid":false,"Isgid":true,"Hostid":200000,"Nsid":0,"Maprange":65536}]"#;
+        let instance = json!({"config": {"volatile.idmap.next": map}});
+        assert_eq!(root_owner(&instance), (100_000, 200_000));
+        let started = json!({"config": {"volatile.idmap.current": map}});
+        assert_eq!(root_owner(&started), (100_000, 200_000));
+    }
+
+    #[test]
+    fn a_privileged_container_has_no_map_and_its_root_is_root() {
+        assert_eq!(
+            root_owner(&json!({"config": {"volatile.idmap.current": "[]"}})),
+            (0, 0)
+        );
+        assert_eq!(root_owner(&json!({"config": {}})), (0, 0));
+    }
 
     #[test]
     fn the_example_settings_load_and_a_remote_needs_its_credentials() {

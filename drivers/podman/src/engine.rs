@@ -14,10 +14,11 @@ use bollard::models::{ContainerCreateBody, ExecConfig};
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, ListContainersOptions, RemoveContainerOptions,
 };
-use drover_core::{Error, Result, Stream, write_all};
+use bytes::Bytes;
+use drover_core::channel::{Chunk, Output};
+use drover_core::{Error, Result, Stream};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
-use tokio_util::sync::CancellationToken;
 
 /// The API version spoken.
 const API_VERSION: bollard::ClientVersion = bollard::ClientVersion {
@@ -260,9 +261,15 @@ impl Engine {
             .collect())
     }
 
-    /// Names of the volumes carrying `label=value`.
-    pub async fn volumes_with(&self, label: &str, value: &str) -> Result<Vec<String>> {
-        let filters = HashMap::from([("label".to_owned(), vec![format!("{label}={value}")])]);
+    /// Names and labels of the volumes carrying every `label=value`.
+    pub async fn volumes_with(
+        &self,
+        labels: &[(&str, &str)],
+    ) -> Result<Vec<(String, HashMap<String, String>)>> {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        )]);
         let options = bollard::query_parameters::ListVolumesOptions {
             filters: Some(filters),
         };
@@ -275,26 +282,29 @@ impl Engine {
             .volumes
             .unwrap_or_default()
             .into_iter()
-            .map(|v| v.name)
+            .map(|v| (v.name, v.labels))
             .collect())
     }
 
-    /// Runs `cmd` in `container` with `stdin` as its standard input, copying its stdout and
-    /// stderr to the driver's as they arrive, and returns its exit status. When `cancel`
-    /// fires, every process in the container but its PID 1 gets SIGTERM, then SIGKILL: the
-    /// runner's SIGTERM reaches only the driver, never the processes the exec started (§6.3).
-    pub async fn exec_streaming(
+    /// The `USER` an image runs as (empty: root).
+    pub async fn image_user(&self, image: &str) -> Result<String> {
+        let inspect = self.inspect_image(image).await?;
+        Ok(inspect.config.and_then(|c| c.user).unwrap_or_default())
+    }
+
+    /// Starts `cmd` in `container` with `stdin` as its whole input, and returns the exec's id
+    /// and its stdout and stderr as they come.
+    pub async fn exec(
         &self,
         container: &str,
-        cmd: Vec<String>,
-        stdin: &[u8],
-        cancel: &CancellationToken,
-    ) -> Result<i32> {
+        cmd: &[String],
+        stdin: Bytes,
+    ) -> Result<(String, Output<'static>)> {
         let config = ExecConfig {
             attach_stdin: Some(true),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
-            cmd: Some(cmd),
+            cmd: Some(cmd.to_vec()),
             ..ExecConfig::default()
         };
         let exec = self
@@ -307,111 +317,52 @@ impl Engine {
             .start_exec(&exec.id, Some(StartExecOptions::default()))
             .await
             .map_err(|err| self.error(&format!("start exec in container {container}"), &err))?;
-        let StartExecResults::Attached {
-            mut output,
-            mut input,
-        } = started
-        else {
+        let StartExecResults::Attached { output, mut input } = started else {
             return Err(Error::system("the engine started the exec detached"));
         };
-        input.write_all(stdin).await.map_err(|err| {
+        input.write_all(&stdin).await.map_err(|err| {
             Error::system(format!("cannot send the script to {container}: {err}"))
         })?;
-        // EOF on the shell's stdin: it has the whole script.
+        // EOF on the command's stdin: it has all of it.
         input.shutdown().await.map_err(|err| {
             Error::system(format!(
-                "cannot close the script's input in {container}: {err}"
+                "cannot close the input of the exec in {container}: {err}"
             ))
         })?;
-        let mut stopping = false;
-        loop {
-            tokio::select! {
-                frame = output.next() => match frame {
-                    None => break,
-                    Some(Ok(frame)) => copy_frame(frame),
-                    Some(Err(err)) => return Err(self.error(&format!("output of exec in {container}"), &err)),
-                },
-                () = cancel.cancelled(), if !stopping => {
-                    stopping = true;
-                    self.stop_processes(container).await;
+        let output = output.filter_map(|frame| async move {
+            match frame {
+                Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
+                    Some(Ok(Chunk {
+                        stream: Stream::Stdout,
+                        bytes: message,
+                    }))
                 }
+                Ok(LogOutput::StdErr { message }) => Some(Ok(Chunk {
+                    stream: Stream::Stderr,
+                    bytes: message,
+                })),
+                Ok(LogOutput::StdIn { .. }) => None,
+                Err(err) => Some(Err(std::io::Error::other(message(&err)))),
             }
-        }
+        });
+        Ok((exec.id, Box::pin(output)))
+    }
+
+    /// The exit code of a finished exec.
+    pub async fn exec_exit_code(&self, container: &str, exec: &str) -> Result<i32> {
         let inspect = self
             .docker
-            .inspect_exec(&exec.id)
+            .inspect_exec(exec)
             .await
             .map_err(|err| self.error(&format!("exec status in {container}"), &err))?;
-        let code = inspect.exit_code.and_then(|c| i32::try_from(c).ok());
-        code.ok_or_else(|| {
-            Error::system(format!(
-                "the engine reported no exit code for the exec in {container}"
-            ))
-        })
-    }
-
-    /// A stream of the container's stdout and stderr from now on (not its stdin: podman closes
-    /// a container's stdin when an attach that held it ends).
-    pub async fn attach_output(
-        &self,
-        container: &str,
-    ) -> Result<
-        std::pin::Pin<
-            Box<dyn futures_util::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
-        >,
-    > {
-        let options = bollard::query_parameters::AttachContainerOptions {
-            stream: true,
-            stdout: true,
-            stderr: true,
-            ..bollard::query_parameters::AttachContainerOptions::default()
-        };
-        let attached = self
-            .docker
-            .attach_container(container, Some(options))
-            .await
-            .map_err(|err| self.error(&format!("attach to container {container}"), &err))?;
-        Ok(attached.output)
-    }
-
-    /// Unpacks the tar `archive` at `path` inside the container.
-    pub async fn upload(&self, container: &str, path: &str, archive: &[u8]) -> Result<()> {
-        let options = bollard::query_parameters::UploadToContainerOptions {
-            path: path.to_owned(),
-            ..bollard::query_parameters::UploadToContainerOptions::default()
-        };
-        self.docker
-            .upload_to_container(
-                container,
-                Some(options),
-                bollard::body_full(archive.to_vec().into()),
-            )
-            .await
-            .map_err(|err| self.error(&format!("copy the script into {container}"), &err))
-    }
-
-    /// SIGTERM to every process of the container except PID 1 (the keep-alive), SIGKILL to
-    /// those left a second later. Best effort: cleanup removes the container anyway.
-    pub async fn stop_processes(&self, container: &str) {
-        let config = ExecConfig {
-            cmd: Some(
-                [
-                    "sh",
-                    "-c",
-                    "kill -TERM -1 2>/dev/null; sleep 1; kill -KILL -1 2>/dev/null; true",
-                ]
-                .map(String::from)
-                .into(),
-            ),
-            ..ExecConfig::default()
-        };
-        if let Ok(exec) = self.docker.create_exec(container, config).await {
-            let detached = StartExecOptions {
-                detach: true,
-                ..StartExecOptions::default()
-            };
-            let _ = self.docker.start_exec(&exec.id, Some(detached)).await;
-        }
+        inspect
+            .exit_code
+            .and_then(|c| i32::try_from(c).ok())
+            .ok_or_else(|| {
+                Error::system(format!(
+                    "the engine reported no exit code for the exec in {container}"
+                ))
+            })
     }
 
     fn error(&self, what: &str, err: &bollard::errors::Error) -> Error {
@@ -431,17 +382,6 @@ impl Engine {
             _ => unreachable(&self.endpoint, err),
         }
     }
-}
-
-fn copy_frame(frame: LogOutput) {
-    // A job log that cannot be written (the runner went away) is not the job's failure.
-    let _ = match frame {
-        LogOutput::StdErr { message } => write_all(Stream::Stderr, &message),
-        LogOutput::StdOut { message } | LogOutput::Console { message } => {
-            write_all(Stream::Stdout, &message)
-        }
-        LogOutput::StdIn { .. } => Ok(()),
-    };
 }
 
 fn status(err: &bollard::errors::Error) -> Option<u16> {

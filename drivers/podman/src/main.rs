@@ -16,11 +16,12 @@
 //! survives the job's containers (contract §8). Section numbers (§) refer to `contract.md`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bollard::models::{ContainerCreateBody, HostConfig};
-use drover_core::naming::{LABEL_JOB, LABEL_RUNNER, is_expired};
+use drover_core::naming::{LABEL_JOB, LABEL_RUNNER, ResourceNames, is_expired};
 use drover_core::protocol::ConfigOutput;
 use drover_core::{
     Backoff, Check, Driver, Error, GcReport, GcRequest, Job, Result, ResultExt, Script, Settings,
@@ -138,6 +139,7 @@ impl Driver for PodmanDriver {
         progress!("Using the container engine at {}", engine.endpoint);
         // A container of the same name can only be left from an earlier attempt (§5.1).
         self.remove_job(&engine, job).await?;
+        self.create_job_dir(job)?;
 
         let credentials = auth::credentials_for(&image, &self.settings.registries, job.env());
         let pull = |image: String,
@@ -162,16 +164,16 @@ impl Driver for PodmanDriver {
 
         let names = job.names();
         let labels = job.labels();
-        let job_dir = self.job_dir(job);
         let volume = names.job_scoped("builds");
         engine.create_volume(&volume, &labels).await?;
         let network =
-            services::prepare_network(&engine, job, &image, &self.settings, &job_dir).await?;
+            services::prepare_network(&engine, job, &image, &self.settings, &self.job_dir(job))
+                .await?;
 
+        let job_dir = self.job_dir(job);
         let mut binds = vec![
             format!("{volume}:{BUILDS_DIR}"),
-            self.cache_bind()?,
-            self.fifo_bind(job)?,
+            self.cache_bind(&engine, job, &image).await?,
         ];
         binds.extend(self.settings.volumes.iter().cloned());
         binds.extend(resources.mounts.iter().map(|m| {
@@ -190,6 +192,9 @@ impl Driver for PodmanDriver {
             .map(|binary| format!("{}:{RUNNER_IN_CONTAINER}:ro", binary.display()));
 
         let mut job_binds = binds.clone();
+        job_binds.push(stages::create_channel(&stages::channel_path(
+            &job_dir, "job",
+        ))?);
         if self.settings.helper_image.is_none() {
             job_binds.extend(runner_bind.clone());
         }
@@ -197,9 +202,7 @@ impl Driver for PodmanDriver {
         let job_host = HostConfig {
             binds: Some(job_binds),
             network_mode: network.mode.clone(),
-            nano_cpus: resources.cpus.map(|cpus| (cpus * 1e9) as i64),
-            memory: resources.memory_bytes.and_then(|m| i64::try_from(m).ok()),
-            ..HostConfig::default()
+            ..limits(resources.cpus, resources.memory_bytes)
         };
         engine
             .create(
@@ -211,11 +214,15 @@ impl Driver for PodmanDriver {
 
         if let Some(helper) = &self.settings.helper_image {
             let mut helper_binds = binds;
+            helper_binds.push(stages::create_channel(&stages::channel_path(
+                &job_dir, "helper",
+            ))?);
             helper_binds.extend(runner_bind);
+            let helper_limits = job.policy().helper()?;
             let helper_host = HostConfig {
                 binds: Some(helper_binds),
                 network_mode: network.mode.clone(),
-                ..HostConfig::default()
+                ..limits(helper_limits.cpus, helper_limits.memory_bytes)
             };
             engine
                 .create(
@@ -225,6 +232,18 @@ impl Driver for PodmanDriver {
                 .await?;
             engine.start(&names.job_scoped("helper")).await?;
         }
+        for role in self.roles() {
+            let exec = stages::ContainerExec {
+                engine: &engine,
+                container: self.container(job, role),
+            };
+            stages::await_agent(
+                &exec,
+                &stages::channel_path(&job_dir, role),
+                &self.settings.shell,
+            )
+            .await?;
+        }
         services::wait_for_ports(&engine, job, &network, &self.settings).await;
         progress!("Ready in {:.2} s", started.elapsed().as_secs_f64());
         Ok(())
@@ -233,18 +252,26 @@ impl Driver for PodmanDriver {
     /// The script goes to the container's dispatcher (see `stages`); its output is streamed
     /// as it arrives and its exit status comes back with it.
     async fn run(&self, job: &Job, script: &Script) -> Result<i32> {
-        let names = job.names();
-        let container = if self.settings.helper_image.is_some() && script.sub_stage.is_predefined()
-        {
-            names.job_scoped("helper")
+        let role = if self.settings.helper_image.is_some() && script.sub_stage.is_predefined() {
+            "helper"
         } else {
-            names.job()
+            "job"
         };
         let body = script.read().await?;
         let engine = Engine::connect(self.settings.socket.as_deref())?;
-        let fifo_dir = self.job_dir(job).join("io");
-        let fifo_dir = fifo_dir.is_dir().then_some(fifo_dir.as_path());
-        stages::run(&engine, &container, &body, fifo_dir, job.cancel_token()).await
+        let exec = stages::ContainerExec {
+            engine: &engine,
+            container: self.container(job, role),
+        };
+        let path = stages::channel_path(&self.job_dir(job), role);
+        stages::run(
+            &exec,
+            &path,
+            &self.settings.shell,
+            &body,
+            job.cancel_token(),
+        )
+        .await
     }
 
     async fn cleanup(&self, job: &Job) -> Result<()> {
@@ -252,15 +279,23 @@ impl Driver for PodmanDriver {
         self.remove_job(&engine, job).await
     }
 
+    /// Jobs of this runner whose expiry has passed, found by any of their parts: containers,
+    /// volumes (also of a job whose containers were never created) and job directories (also
+    /// of a prepare that stopped before it made anything on the engine).
     async fn gc(&self, request: &GcRequest) -> Result<GcReport> {
         let engine = Engine::connect(self.settings.socket.as_deref())?;
+        let runner = [(LABEL_RUNNER, request.runner.as_str())];
         let mut jobs: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-        for (_, labels) in engine
-            .containers_with(&[(LABEL_RUNNER, &request.runner)])
+        let found = engine
+            .containers_with(&runner)
             .await?
-        {
+            .into_iter()
+            .chain(engine.volumes_with(&runner).await?)
+            .map(|(_, labels)| labels.into_iter().collect::<BTreeMap<_, _>>())
+            .chain(self.job_dirs_labels(&request.runner));
+        for labels in found {
             if let Some(job) = labels.get(LABEL_JOB) {
-                jobs.insert(job.clone(), labels.into_iter().collect());
+                jobs.entry(job.clone()).or_insert(labels);
             }
         }
         let mut report = GcReport::default();
@@ -271,6 +306,9 @@ impl Driver for PodmanDriver {
             }
             if !request.dry_run {
                 self.remove_by_job_label(&engine, &job_id).await?;
+                if let Some(name) = labels.get(LABEL_NAME) {
+                    remove_dir(&self.settings.state_dir.join("jobs").join(name))?;
+                }
             }
             report.removed.push(format!("job {job_id}"));
         }
@@ -328,23 +366,91 @@ impl PodmanDriver {
         self.settings.state_dir.join("jobs").join(job.names().job())
     }
 
-    /// The host directory for the stages' output FIFOs (see `stages`): private to root on the
-    /// host, traversable so any user in the container reaches the FIFOs it is given.
-    fn fifo_bind(&self, job: &Job) -> Result<String> {
-        let dir = self.job_dir(job).join("io");
-        std::fs::create_dir_all(&dir).or_system(format_args!("cannot create {}", dir.display()))?;
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))
-            .or_system(format_args!("cannot set the mode of {}", dir.display()))?;
-        Ok(format!("{}:{}", dir.display(), stages::IO_DIR))
+    /// The roles of the job's stage containers.
+    fn roles(&self) -> &'static [&'static str] {
+        if self.settings.helper_image.is_some() {
+            &["job", "helper"]
+        } else {
+            &["job"]
+        }
     }
 
-    fn cache_bind(&self) -> Result<String> {
-        let cache = self.settings.state_dir.join("cache");
-        std::fs::create_dir_all(&cache).or_system(format_args!(
+    /// The container of `role`.
+    fn container(&self, job: &Job, role: &str) -> String {
+        match role {
+            "job" => job.names().job(),
+            _ => job.names().job_scoped(role),
+        }
+    }
+
+    /// Makes the job's directory with its labels, first of all: a prepare that stops half-way
+    /// leaves something `gc` can find and date.
+    fn create_job_dir(&self, job: &Job) -> Result<()> {
+        let dir = self.job_dir(job);
+        remove_dir(&dir)?;
+        std::fs::create_dir_all(&dir).or_system(format_args!("cannot create {}", dir.display()))?;
+        let mut labels = job.labels();
+        labels.insert(LABEL_NAME.into(), job.names().job());
+        let labels = serde_json::to_vec(&labels).or_system("labels")?;
+        std::fs::write(dir.join(LABELS_FILE), labels).or_system(format_args!(
+            "cannot write {}",
+            dir.join(LABELS_FILE).display()
+        ))
+    }
+
+    /// The labels of this runner's job directories.
+    fn job_dirs_labels(&self, runner: &str) -> Vec<BTreeMap<String, String>> {
+        let prefix = ResourceNames::runner_prefix(runner);
+        let Ok(entries) = std::fs::read_dir(self.settings.state_dir.join("jobs")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
+            .filter_map(|entry| std::fs::read(entry.path().join(LABELS_FILE)).ok())
+            .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+            .collect()
+    }
+
+    /// The project's cache directory on the host, of this runner alone
+    /// (`<state_dir>/cache/<runner>/p<project>`, named from the trusted identity, §3.4), mode
+    /// 0700 and owned by the user the image runs as: no other project's job, and no other
+    /// user of the host, can read or write it.
+    async fn cache_bind(&self, engine: &Engine, job: &Job, image: &str) -> Result<String> {
+        let runner_dir = self.settings.state_dir.join("cache").join(&self.runner);
+        let dir = runner_dir.join(format!("p{}", job.identity().project_id));
+        let create = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir);
+        create.or_system(format_args!(
             "cannot create the cache dir {}",
-            cache.display()
+            dir.display()
         ))?;
-        Ok(format!("{}:{CACHE_DIR}", cache.display()))
+        for private in [&runner_dir, &dir] {
+            std::fs::set_permissions(private, std::fs::Permissions::from_mode(0o700))
+                .or_system(format_args!("cannot set the mode of {}", private.display()))?;
+        }
+        let user = engine.image_user(image).await?;
+        let (uid, gid) = match numeric_user(&user) {
+            Some(ids) => ids,
+            None => {
+                progress!(
+                    "*** WARNING: image {image} runs as user {user:?}, not a number: the cache at {CACHE_DIR} is writable by root only"
+                );
+                (0, 0)
+            }
+        };
+        let current = std::fs::metadata(&dir).or_system(dir.display())?;
+        if (current.uid(), current.gid()) != (uid, gid) {
+            // The directory is the driver's own (not reachable by any job while it changes
+            // hands): no symlink can be in its place.
+            std::os::unix::fs::lchown(&dir, Some(uid), Some(gid)).or_system(format_args!(
+                "cannot hand {} to the image's user",
+                dir.display()
+            ))?;
+        }
+        Ok(format!("{}:{CACHE_DIR}", dir.display()))
     }
 
     /// Removes everything of this job: found by its labels, so a container from an attempt
@@ -355,19 +461,14 @@ impl PodmanDriver {
         engine
             .remove_volume(&job.names().job_scoped("builds"))
             .await?;
-        match std::fs::remove_dir_all(self.job_dir(job)) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(Error::system(format!(
-                "cannot remove {}: {err}",
-                self.job_dir(job).display()
-            ))),
-            _ => Ok(()),
-        }
+        remove_dir(&self.job_dir(job))
     }
 
+    /// Removes this runner's containers and volumes of job `job_id`; another runner's jobs of
+    /// the same id are left alone.
     async fn remove_by_job_label(&self, engine: &Engine, job_id: &str) -> Result<()> {
-        let containers = engine
-            .containers_with(&[(LABEL_RUNNER, &self.runner), (LABEL_JOB, job_id)])
-            .await?;
+        let labels = [(LABEL_RUNNER, self.runner.as_str()), (LABEL_JOB, job_id)];
+        let containers = engine.containers_with(&labels).await?;
         // The network holder goes last: the others live in its namespace.
         let (holders, others): (Vec<_>, Vec<_>) = containers
             .into_iter()
@@ -379,14 +480,49 @@ impl PodmanDriver {
         for (name, _) in &holders {
             engine.remove(name).await?;
         }
-        for volume in engine.volumes_with(LABEL_JOB, job_id).await? {
+        for (volume, _) in engine.volumes_with(&labels).await? {
             engine.remove_volume(&volume).await?;
         }
         Ok(())
     }
 }
 
-/// A container that runs the job's stages, with the dispatcher as PID 1 (see `stages`).
+/// The label a job directory's labels file adds: the directory's name.
+const LABEL_NAME: &str = "drover.name";
+/// The file holding a job directory's labels.
+const LABELS_FILE: &str = "drover-job.json";
+
+/// Removes a directory of the driver's; one that is gone is fine.
+fn remove_dir(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(Error::system(format!(
+            "cannot remove {}: {err}",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `uid[:gid]` of an image's `USER` when it is numbers (or empty: root).
+fn numeric_user(user: &str) -> Option<(u32, u32)> {
+    if user.is_empty() {
+        return Some((0, 0));
+    }
+    let (uid, gid) = user.split_once(':').unwrap_or((user, user));
+    Some((uid.parse().ok()?, gid.parse().ok()?))
+}
+
+/// The engine's CPU and memory limits for a container.
+fn limits(cpus: Option<f64>, memory: Option<u64>) -> HostConfig {
+    HostConfig {
+        // The policy keeps CPUs at 0.01 or more, so this is never 0 ("no limit").
+        nano_cpus: cpus.map(|cpus| (cpus * 1e9).round() as i64),
+        memory: memory.and_then(|m| i64::try_from(m).ok()),
+        ..HostConfig::default()
+    }
+}
+
+/// A container that runs the job's stages, with the stage agent as PID 1 (see `stages`).
 fn stage_runner(
     image: &str,
     labels: &BTreeMap<String, String>,
@@ -399,17 +535,12 @@ fn stage_runner(
     labels.insert(LABEL_ROLE.into(), role.into());
     ContainerCreateBody {
         image: Some(image.to_owned()),
-        entrypoint: Some(vec![
-            "sh".into(),
-            "-c".into(),
-            stages::LAUNCHER.into(),
-            "drover-launcher".into(),
-        ]),
-        cmd: Some(vec![stages::DISPATCHER.into(), shell.into()]),
+        entrypoint: Some(stages::entrypoint(shell)),
+        cmd: None,
         labels: Some(labels),
         host_config: Some(HostConfig {
-            // The stages' output reaches the job log through the attach; the engine's own
-            // copy in its container log would only halve the throughput.
+            // The stages' output reaches the job log through the channel; nothing the
+            // container writes elsewhere needs keeping.
             log_config: Some(bollard::models::HostConfigLogConfig {
                 typ: Some("none".into()),
                 config: None,

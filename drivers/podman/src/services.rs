@@ -8,8 +8,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use bollard::models::{ContainerCreateBody, HostConfig};
+use bytes::Bytes;
 use drover_core::protocol::Service;
 use drover_core::{Job, Result, ResultExt, progress};
+use futures_util::StreamExt;
 
 use crate::engine::Engine;
 use crate::{KEEPALIVE, LABEL_ROLE, PodmanSettings};
@@ -61,6 +63,11 @@ pub async fn prepare_network(
             services: Vec::new(),
         });
     }
+    // The policy first: nothing is made for a job whose services it refuses.
+    let limits = services
+        .iter()
+        .map(|service| job.policy().service(&service.name))
+        .collect::<Result<Vec<_>>>()?;
     let names = job.names();
     let labels = job.labels();
     let all_aliases: Vec<String> = services.iter().flat_map(aliases).collect();
@@ -99,7 +106,7 @@ pub async fn prepare_network(
     let mode = Some(format!("container:{holder}"));
 
     let mut started = Vec::new();
-    for (index, service) in services.iter().enumerate() {
+    for (index, (service, limits)) in services.iter().zip(limits).enumerate() {
         let name = names.job_scoped(&format!("svc-{index}"));
         let service_aliases = aliases(service);
         progress!(
@@ -129,7 +136,7 @@ pub async fn prepare_network(
             host_config: Some(HostConfig {
                 network_mode: mode.clone(),
                 binds: Some(vec![hosts_bind.clone()]),
-                ..HostConfig::default()
+                ..crate::limits(limits.cpus, limits.memory_bytes)
             }),
             ..ContainerCreateBody::default()
         };
@@ -166,12 +173,17 @@ pub async fn wait_for_ports(
             let probe = format!(
                 "for i in $(seq 1 {rounds}); do (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null && exit 0; sleep 0.25; done; exit 1"
             );
-            let cmd = vec![settings.shell.clone(), "-c".into(), probe];
-            let waited = tokio::time::timeout(
-                Duration::from_secs(settings.service_wait_secs + 5),
-                engine.exec_streaming(&job.names().job(), cmd, b"", job.cancel_token()),
-            )
-            .await;
+            let cmd = [settings.shell.clone(), "-c".into(), probe];
+            let probe = async {
+                let container = job.names().job();
+                let (exec, mut output) = engine.exec(&container, &cmd, Bytes::new()).await?;
+                while output.next().await.is_some() {}
+                engine.exec_exit_code(&container, &exec).await
+            };
+            let waited = tokio::select! {
+                waited = tokio::time::timeout(Duration::from_secs(settings.service_wait_secs + 5), probe) => waited,
+                () = job.cancel_token().cancelled() => return,
+            };
             if !matches!(waited, Ok(Ok(0))) {
                 progress!(
                     "*** WARNING: service {alias} did not answer on port {port} within {} s",

@@ -274,22 +274,21 @@ fn the_real_runner_runs_jobs_with_their_exit_codes_and_leaves_nothing() {
 }
 
 #[test]
-fn a_killed_stage_dispatcher_fails_its_stage_clearly_and_the_next_stage_gets_a_new_one() {
-    let test =
-        "a_killed_stage_dispatcher_fails_its_stage_clearly_and_the_next_stage_gets_a_new_one";
+fn a_killed_stage_agent_fails_its_stage_clearly_and_the_next_stage_gets_a_new_one() {
+    let test = "a_killed_stage_agent_fails_its_stage_clearly_and_the_next_stage_gets_a_new_one";
     if !lxd(test) {
         return;
     }
-    // The script outlives the dispatcher (it is in a session of its own): the driver must
-    // notice on its own that no exit status can come any more, not wait for the script. The
-    // next stage (after_script) gets a new dispatcher.
-    let setup = new_setup("dispatcher", SOCKET, "");
+    // The script outlives the agent and the stage's waiter (it is in a session of its own):
+    // the driver must notice on its own that no exit status can come any more, not wait for
+    // the script, and stop it. The next stage (after_script) gets a new agent.
+    let setup = new_setup("agent", SOCKET, "");
     let (ok, log) = setup.run_job(
-        "x:\n  script: [pkill -f drover-dispatcher, sleep 600]\n  after_script: [echo \"after $((6*7))\"]\n",
+        "x:\n  script: [pkill -f drover-agent, sleep 600]\n  after_script: [echo \"after $((6*7))\"]\n",
         &[],
     );
     assert!(!ok);
-    assert!(log.contains("stopped before the script ended"), "{log}");
+    assert!(log.contains("the stage agent's waiter was killed"), "{log}");
     assert!(log.contains("was gone; starting it again"), "{log}");
     assert!(log.contains("\nafter 42"), "{log}");
     assert!(log.contains("result: runner_system_failure"), "{log}");

@@ -247,12 +247,13 @@ fn real_runner_pipeline_with_the_runners_own_helpers_in_the_helper_container() {
 }
 
 #[test]
-fn without_the_host_fifos_output_comes_through_the_attach() {
-    let Some(socket) = engine("without_the_host_fifos_output_comes_through_the_attach") else {
+fn without_the_channel_directory_each_stage_is_an_exec() {
+    let Some(socket) = engine("without_the_channel_directory_each_stage_is_an_exec") else {
         return;
     };
-    // A remote engine cannot see the driver's FIFO directory; removing it after prepare shows
-    // what such a job gets: the same bytes and exit status, through the engine.
+    // An engine that cannot see the driver's channel directory (one in a VM) leaves its
+    // agent without orders; removing the directory after prepare shows what such a job gets:
+    // the same bytes and exit status, through an exec per stage.
     let setup = new_setup("attach", &socket, "network_mode = \"none\"", "");
     let response = r#"{"id": 99002, "token": "t", "job_info": {"project_id": 5}, "runner_info": {"timeout": 600}, "variables": []}"#;
     let prepare = setup.stage(response, &["prepare"]);
@@ -263,7 +264,7 @@ fn without_the_host_fifos_output_comes_through_the_attach() {
     );
     let jobs = setup.dir.path().join("state/jobs");
     for job in std::fs::read_dir(&jobs).expect("job dirs").flatten() {
-        std::fs::remove_dir_all(job.path().join("io")).expect("remove the FIFO dir");
+        std::fs::remove_dir_all(job.path().join("io-job")).expect("remove the channel dir");
     }
     let script = setup.dir.path().join("script");
     std::fs::write(&script, "printf 'out\\377'; printf 'err' >&2; exit 3\n").expect("script");
