@@ -175,8 +175,8 @@ async fn main<D: Driver>(cli: Cli) -> u8 {
             Ok(stage) => stage,
             Err(err) => return fail::<D>(&err.into(), None),
         },
-        Command::Gc { dry_run } => return gc(&driver, &settings, dry_run).await,
-        Command::Doctor => return doctor(&driver).await,
+        Command::Gc { dry_run } => return gc(&driver, &settings, dry_run, &cancel).await,
+        Command::Doctor => return doctor(&driver, &cancel).await,
     };
     let job = match Job::load(
         &env,
@@ -227,6 +227,17 @@ async fn run_stage<D: Driver>(driver: &D, job: &Job, stage: Stage, grace: Durati
             // The runner passes an absolute path (§1.4); a relative one, from a person at a
             // terminal, must not change meaning when a driver runs it from another directory.
             let path = std::path::absolute(&script).unwrap_or(script);
+            // The runner always writes the script first: a missing one is the infrastructure's
+            // fault, the same for every driver, and never the job's.
+            if !path.is_file() {
+                return failed::<D>(
+                    &Error::system(format!(
+                        "the runner's script {} does not exist or is not a file",
+                        path.display()
+                    )),
+                    control,
+                );
+            }
             let script = Script { path, sub_stage };
             match until_cancelled(driver.run(job, &script), cancel, grace).await {
                 Ok(status) => {
@@ -318,13 +329,31 @@ fn record_build_exit_code(control: &ControlVariables, outcome: Outcome) -> Resul
     result.map_err(|err| Error::system(format!("BUILD_EXIT_CODE_FILE {}: {err}", path.display())))
 }
 
-async fn gc<D: Driver>(driver: &D, settings: &Settings<D::Settings>, dry_run: bool) -> u8 {
+/// `gc` and `doctor` are run by people and timers, not the runner: SIGTERM or Ctrl-C stops
+/// them at once, whatever backend call they wait for.
+async fn maintenance<T>(
+    what: &str,
+    work: impl Future<Output = Result<T>>,
+    cancel: &CancellationToken,
+) -> Result<T> {
+    tokio::select! {
+        result = work => result,
+        () = cancel.cancelled() => Err(Error::system(format!("{what} was interrupted"))),
+    }
+}
+
+async fn gc<D: Driver>(
+    driver: &D,
+    settings: &Settings<D::Settings>,
+    dry_run: bool,
+    cancel: &CancellationToken,
+) -> u8 {
     let request = GcRequest {
         runner: settings.runner_name.clone(),
         dry_run,
         now: SystemTime::now(),
     };
-    match driver.gc(&request).await {
+    match maintenance("gc", driver.gc(&request), cancel).await {
         Ok(report) => {
             let verb = if dry_run { "would remove" } else { "removed" };
             for name in &report.removed {
@@ -341,8 +370,8 @@ async fn gc<D: Driver>(driver: &D, settings: &Settings<D::Settings>, dry_run: bo
     }
 }
 
-async fn doctor<D: Driver>(driver: &D) -> u8 {
-    match driver.doctor().await {
+async fn doctor<D: Driver>(driver: &D, cancel: &CancellationToken) -> u8 {
+    match maintenance("doctor", driver.doctor(), cancel).await {
         Ok(checks) => {
             for check in &checks {
                 let mark = if check.ok { "ok  " } else { "FAIL" };

@@ -10,6 +10,11 @@ use crate::naming::ResourceNames;
 use crate::policy::{Policy, Resources};
 use crate::{Error, Result};
 
+/// The longest job timeout taken from the payload: a year. GitLab's longest is a month; a
+/// larger number (the payload is only as trusted as the runner that wrote it) must not
+/// overflow a clock.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Everything a driver knows about the job in one stage: the runner's environment, the trusted
 /// payload, resource names, the operator's policy and the stage's cancellation.
 #[derive(Debug)]
@@ -96,9 +101,9 @@ impl Job {
         &self.policy
     }
 
-    /// The job timeout GitLab set (§4.2).
+    /// The job timeout GitLab set (§4.2), at most [`MAX_TIMEOUT`].
     pub fn timeout(&self) -> Duration {
-        Duration::from_secs(self.response.runner_info.effective_timeout_secs())
+        Duration::from_secs(self.response.runner_info.effective_timeout_secs()).min(MAX_TIMEOUT)
     }
 
     /// A bound for retries in this stage: no stage outlives the job's timeout.

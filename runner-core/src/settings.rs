@@ -37,6 +37,11 @@ const OVERRIDABLE: &[&str] = &[
     "driver",
 ];
 
+/// The longest `runner_name`: it goes into every resource name,
+/// `drover-<runner>-p<project>-j<job>`, and LXD's instance names and hostnames stop at 63
+/// characters, which leaves room for 12-digit project and 14-digit job ids.
+pub const MAX_RUNNER_NAME: usize = 24;
+
 /// Settings every driver shares, plus the driver's own `[driver]` table.
 #[derive(Debug, Clone)]
 pub struct Settings<D> {
@@ -140,6 +145,11 @@ impl CommonSettings {
             return Err(Error::system(
                 "runner_name may only hold letters, digits and '-'",
             ));
+        }
+        if name.len() > MAX_RUNNER_NAME {
+            return Err(Error::system(format!(
+                "runner_name is longer than {MAX_RUNNER_NAME} characters; resource names hold it (LXD's stop at 63)"
+            )));
         }
         self.policy.validate()
     }
@@ -325,6 +335,18 @@ mod tests {
             Settings::<DriverSettings>::load(Some(Path::new("/nonexistent/d.toml")), &env(&[]))
                 .expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/d.toml"), "{err}");
+    }
+
+    #[test]
+    fn a_runner_name_too_long_for_resource_names_is_refused() {
+        let long = "a".repeat(MAX_RUNNER_NAME + 1);
+        let err = Settings::<DriverSettings>::load(None, &env(&[("DROVER_RUNNER_NAME", &long)]))
+            .expect_err("too long");
+        assert!(err.to_string().contains("longer than 24"), "{err}");
+        let fits = "a".repeat(MAX_RUNNER_NAME);
+        assert!(
+            Settings::<DriverSettings>::load(None, &env(&[("DROVER_RUNNER_NAME", &fits)])).is_ok()
+        );
     }
 
     #[test]

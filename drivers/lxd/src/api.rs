@@ -668,7 +668,11 @@ impl Lxd {
 fn client_builder() -> reqwest::ClientBuilder {
     // Err only when a provider is installed already, which is as good.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Every call is bounded, so nothing waits on a daemon that stopped answering; the
+    // longest is the wait for an operation, which LXD itself ends after its timeout.
     reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(OPERATION_TIMEOUT_SECS + 30))
 }
 
 /// A byte stream to the daemon: a unix socket or a TLS connection.

@@ -4,7 +4,11 @@
 //! runner name of its own, so whatever it leaves on a backend is attributable to one test.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 /// Lists what a runner (by `runner_name`) has on the backend: containers, instances, volumes.
 pub type Leftovers = fn(runner: &str) -> Vec<String>;
@@ -66,7 +70,7 @@ impl DriverSetup {
             !self.leftovers().is_empty(),
             "prepare made nothing: {stderr}"
         );
-        std::thread::sleep(std::time::Duration::from_millis(1500));
+        std::thread::sleep(Duration::from_millis(1500));
     }
 
     /// Runs `gc --dry-run`, which must name `expired` and remove nothing, then `gc`, which must
@@ -152,6 +156,33 @@ impl DriverSetup {
         self.driver_command(args).output().expect("driver runs")
     }
 
+    /// Runs `DRIVER --config SETTINGS ARGS`, sends it SIGTERM after `after`, and returns how it
+    /// ended and how long it took after the signal. A driver still running 10 s after the
+    /// signal is SIGKILLed and the test fails.
+    pub fn interrupted(&self, args: &[&str], after: Duration) -> (Output, Duration) {
+        let child = self
+            .driver_command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("driver runs");
+        std::thread::sleep(after);
+        let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        kill(pid, Signal::SIGTERM).expect("SIGTERM");
+        let signalled = Instant::now();
+        let (done, waited) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(child.wait_with_output());
+        });
+        match waited.recv_timeout(Duration::from_secs(10)) {
+            Ok(output) => (output.expect("driver output"), signalled.elapsed()),
+            Err(_) => {
+                let _ = kill(pid, Signal::SIGKILL);
+                panic!("`{}` ignored SIGTERM for 10 s", args.join(" "));
+            }
+        }
+    }
+
     fn driver_command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(&self.driver);
         command.arg("--config").arg(self.settings()).args(args);
@@ -181,4 +212,16 @@ pub fn drover_cli(driver: &Path) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A unix socket at `path` that accepts every connection and never answers: a backend that
+/// hangs. It lives as long as the process.
+pub fn hung_socket(path: &Path) {
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind a test socket");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
 }

@@ -54,10 +54,21 @@ impl Driver for TestDriver {
     async fn prepare(&self, job: &Job) -> Result<()> {
         self.maybe_panic("prepare");
         progress!("Preparing for {} ms", self.prepare.as_millis());
-        tokio::select! {
-            () = tokio::time::sleep(self.prepare) => Ok(()),
-            () = job.cancel_token().cancelled() => Ok(()),
-        }
+        // As a real backend call would be: retried within the job's deadline.
+        let backend_call = || async {
+            tokio::select! {
+                () = tokio::time::sleep(self.prepare) => Ok(()),
+                () = job.cancel_token().cancelled() => Ok(()),
+            }
+        };
+        drover_core::retry(
+            "preparing",
+            drover_core::Backoff::default(),
+            Some(job.deadline()),
+            job.cancel_token(),
+            backend_call,
+        )
+        .await
     }
 
     async fn run(&self, job: &Job, script: &Script) -> Result<i32> {

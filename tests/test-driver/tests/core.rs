@@ -435,3 +435,27 @@ fn overrides_take_their_settings_type_and_errors_never_show_the_value() {
     );
     assert!(!call.stderr.contains("hunter2"), "{}", call.stderr);
 }
+
+#[test]
+fn a_job_timeout_too_large_for_a_clock_does_not_break_prepare() {
+    let runner = Runner::new("");
+    let response = r#"{"id": 1001, "token": "t", "job_info": {"project_id": 42},
+        "runner_info": {"timeout": 9223372036854775807}, "variables": []}"#;
+    std::fs::write(runner.path().join("response.json"), response).expect("response file");
+    let prepare = runner.call(&["prepare"]);
+    assert_eq!(prepare.status.code(), Some(0), "{}", prepare.stderr);
+}
+
+#[test]
+fn a_missing_script_is_a_system_failure_whatever_the_driver() {
+    let runner = Runner::new("");
+    let missing = runner.path().join("script-that-is-not-there");
+    let run = runner.call(&["run", missing.to_str().expect("utf-8"), "build_script"]);
+    assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("the runner's script") && run.stderr.contains("does not exist"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(runner.build_exit_code(), None);
+}

@@ -346,3 +346,25 @@ fn a_ready_instance_starts_the_next_job_and_gc_removes_spares_when_switched_off(
     );
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
+
+#[test]
+fn gc_and_doctor_stop_on_sigterm_against_a_daemon_that_never_answers() {
+    // No daemon needed: the daemon here is a socket that accepts and never answers.
+    let dir = tempfile::tempdir().expect("tmp");
+    let socket = dir.path().join("hung.sock");
+    drover_harness::setup::hung_socket(&socket);
+    let setup = new_setup("hung", socket.to_str().expect("utf-8"), "");
+    for command in ["gc", "doctor"] {
+        let (output, took) = setup.interrupted(&[command], std::time::Duration::from_millis(500));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{command}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{command} was interrupted")),
+            "{command}: {stderr}"
+        );
+        assert!(
+            took < std::time::Duration::from_secs(3),
+            "{command} took {took:?}"
+        );
+    }
+}

@@ -385,3 +385,25 @@ fn ctrl_c_cancels_the_job_after_script_runs_and_nothing_is_left() {
         assert_eq!(setup.leftovers(), Vec::<String>::new(), "{runner:?}");
     }
 }
+
+#[test]
+fn gc_and_doctor_stop_on_sigterm_against_an_engine_that_never_answers() {
+    // No engine needed: the engine here is a socket that accepts and never answers.
+    let dir = tempfile::tempdir().expect("tmp");
+    let socket = dir.path().join("hung.sock");
+    drover_harness::setup::hung_socket(&socket);
+    let setup = new_setup("hung", &socket, "", "");
+    for command in ["gc", "doctor"] {
+        let (output, took) = setup.interrupted(&[command], std::time::Duration::from_millis(500));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{command}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{command} was interrupted")),
+            "{command}: {stderr}"
+        );
+        assert!(
+            took < std::time::Duration::from_secs(3),
+            "{command} took {took:?}"
+        );
+    }
+}
