@@ -252,12 +252,14 @@ impl Engine {
             .list_containers(Some(options))
             .await
             .map_err(|err| self.error("list containers", &err))?;
+        // Checked here too, as for volumes (see `volumes_with`).
         Ok(containers
             .into_iter()
             .filter_map(|c| {
                 let name = c.names?.first()?.trim_start_matches('/').to_owned();
                 Some((name, c.labels.unwrap_or_default()))
             })
+            .filter(|(_, found)| has_labels(found, labels))
             .collect())
     }
 
@@ -278,10 +280,13 @@ impl Engine {
             .list_volumes(Some(options))
             .await
             .map_err(|err| self.error("list volumes", &err))?;
+        // podman 4.3 gives the volumes matching *any* of several label filters (Docker: all),
+        // so each is checked here too: a cleanup must never take another runner's volume.
         Ok(volumes
             .volumes
             .unwrap_or_default()
             .into_iter()
+            .filter(|v| has_labels(&v.labels, labels))
             .map(|v| (v.name, v.labels))
             .collect())
     }
@@ -382,6 +387,13 @@ impl Engine {
             _ => unreachable(&self.endpoint, err),
         }
     }
+}
+
+/// Whether `found` carries every `label=value` of `wanted`.
+fn has_labels(found: &HashMap<String, String>, wanted: &[(&str, &str)]) -> bool {
+    wanted
+        .iter()
+        .all(|(label, value)| found.get(*label).map(String::as_str) == Some(*value))
 }
 
 fn status(err: &bollard::errors::Error) -> Option<u16> {

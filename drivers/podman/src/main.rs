@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bollard::models::{ContainerCreateBody, HostConfig};
-use drover_core::naming::{LABEL_JOB, LABEL_RUNNER, ResourceNames, is_expired};
+use drover_core::naming::{LABEL_JOB, LABEL_PROJECT, LABEL_RUNNER, ResourceNames, is_expired};
 use drover_core::protocol::ConfigOutput;
 use drover_core::{
     Backoff, Check, Driver, Error, GcReport, GcRequest, Job, Result, ResultExt, Script, Settings,
@@ -134,6 +134,9 @@ impl Driver for PodmanDriver {
         // Policy first: a refused image must fail before anything is created.
         let resources = job.resources()?;
         let image = resources.required_image()?;
+        for service in &job.env().services {
+            job.policy().service(&service.name)?;
+        }
         let engine = Engine::connect(self.settings.socket.as_deref())?;
         engine.ping().await?;
         progress!("Using the container engine at {}", engine.endpoint);
@@ -306,7 +309,7 @@ impl Driver for PodmanDriver {
             }
             if !request.dry_run {
                 self.remove_by_job_label(&engine, &job_id).await?;
-                if let Some(name) = labels.get(LABEL_NAME) {
+                if let Some(name) = job_name(&request.runner, &labels) {
                     remove_dir(&self.settings.state_dir.join("jobs").join(name))?;
                 }
             }
@@ -389,9 +392,7 @@ impl PodmanDriver {
         let dir = self.job_dir(job);
         remove_dir(&dir)?;
         std::fs::create_dir_all(&dir).or_system(format_args!("cannot create {}", dir.display()))?;
-        let mut labels = job.labels();
-        labels.insert(LABEL_NAME.into(), job.names().job());
-        let labels = serde_json::to_vec(&labels).or_system("labels")?;
+        let labels = serde_json::to_vec(&job.labels()).or_system("labels")?;
         std::fs::write(dir.join(LABELS_FILE), labels).or_system(format_args!(
             "cannot write {}",
             dir.join(LABELS_FILE).display()
@@ -487,10 +488,18 @@ impl PodmanDriver {
     }
 }
 
-/// The label a job directory's labels file adds: the directory's name.
-const LABEL_NAME: &str = "drover.name";
 /// The file holding a job directory's labels.
 const LABELS_FILE: &str = "drover-job.json";
+
+/// The name of the job whose resource carries `labels`, as prepare named it.
+fn job_name(runner: &str, labels: &BTreeMap<String, String>) -> Option<String> {
+    let id = |label| labels.get(label)?.parse().ok();
+    let identity = drover_core::protocol::TrustedIdentity {
+        job_id: id(LABEL_JOB)?,
+        project_id: id(LABEL_PROJECT)?,
+    };
+    Some(ResourceNames::new(runner, identity, 0).job())
+}
 
 /// Removes a directory of the driver's; one that is gone is fine.
 fn remove_dir(dir: &Path) -> Result<()> {

@@ -63,7 +63,7 @@ pub async fn prepare_network(
             services: Vec::new(),
         });
     }
-    // The policy first: nothing is made for a job whose services it refuses.
+    // prepare checked them already, before it made anything.
     let limits = services
         .iter()
         .map(|service| job.policy().service(&service.name))

@@ -42,8 +42,8 @@ pub const SIMPLE_JOB_CALLS: [&str; 7] = [
     "cleanup",
 ];
 
-/// The cases, in the order they run.
-pub const CASES: [&str; 13] = [
+/// The cases, in the order they run; the last ones are the hostile group (see [`HOSTILE`]).
+pub const CASES: [&str; 16] = [
     "success",
     "script-exit-3",
     "script-exit-2",
@@ -57,7 +57,55 @@ pub const CASES: [&str; 13] = [
     "non-utf8-output",
     "overridden-job-id",
     "config-stdout-strict",
+    "hostile-symlink-swap",
+    "hostile-flood",
+    "hostile-kill-everything",
 ];
+
+/// The hostile group: jobs that attack the driver from inside their environment, as untrusted
+/// job code would. They apply to drivers that isolate jobs from the host (containers, VMs);
+/// for a driver whose jobs run on the host as its own user (drover-local, like the shell
+/// executor), isolation is not what it offers, and the group says so instead of passing.
+pub const HOSTILE: [&str; 3] = [
+    "hostile-symlink-swap",
+    "hostile-flood",
+    "hostile-kill-everything",
+];
+
+/// Lists the directories of the job's environment that are mounts from outside it (what it
+/// shares with the host): mount points of real file systems, by `/proc/self/mountinfo`.
+const SHARED_DIRS: &str = r#"shared_dirs() {
+  awk '{ for (i = 7; i <= NF && $i != "-"; i++); fs = $(i + 1);
+    if ($5 != "/" && fs !~ /^(proc|sysfs|devpts|tmpfs|mqueue|cgroup|cgroup2|devtmpfs|securityfs|debugfs|tracefs|fusectl|configfs|pstore|bpf|binfmt_misc|hugetlbfs|autofs|rpc_pipefs|nsfs|overlay|ramfs|squashfs|fuse.lxcfs)$/) print $5 }' /proc/self/mountinfo |
+  while read -r m; do [ -d "$m" ] && echo "$m"; done
+}"#;
+
+/// Replaces every entry of every shared directory it can with a symlink to the canary file (or
+/// directory), and plants such symlinks under the names a driver might use, once at once and
+/// then again and again in the background, so that it races with the driver's later stages.
+const SWAP: &str = r#"swap() {
+  for d in $(shared_dirs); do
+    for e in "$d"/* "$d"/.[!.]*; do
+      [ -L "$e" ] && continue
+      [ -e "$e" ] || continue
+      if [ -d "$e" ]; then target=$DROVER_CANARY_DIR; else target=$DROVER_CANARY_FILE; fi
+      { mv "$e" "$e.moved" && ln -s "$target" "$e"; } 2>/dev/null || true
+    done
+    for n in wake script ready hosts status pid out err sh alive .doctor-probe cache.zip; do
+      ln -s "$DROVER_CANARY_FILE" "$d/$n" 2>/dev/null || true
+    done
+  done
+}"#;
+
+/// Floods every FIFO in the shared directories (16 MiB without a newline each, while also
+/// stealing from them) and its own output (8 MiB without a newline on each stream).
+const FLOOD: &str = r#"for f in $(find $(shared_dirs) -maxdepth 2 -type p 2>/dev/null); do
+  ( head -c 16777216 /dev/zero | tr '\0' x >"$f" ) 2>/dev/null &
+  ( cat "$f" >/dev/null ) 2>/dev/null &
+done
+head -c 8388608 /dev/zero | tr '\0' y
+head -c 8388608 /dev/zero | tr '\0' z >&2
+echo"#;
 
 /// What to run the suite against.
 #[derive(Debug, Clone)]
@@ -88,13 +136,22 @@ impl SuiteOptions {
     }
 }
 
+/// How a case that did not fail ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The driver did what the case asks.
+    Passed,
+    /// The case does not apply to this driver, for the reason given.
+    NotApplicable(String),
+}
+
 /// One case's verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaseResult {
     /// The case's name.
     pub name: String,
-    /// `Ok` or the reason it failed.
-    pub outcome: Result<(), String>,
+    /// The verdict, or the reason it failed.
+    pub outcome: Result<Verdict, String>,
     /// How long it took.
     pub duration: Duration,
 }
@@ -102,12 +159,13 @@ pub struct CaseResult {
 impl std::fmt::Display for CaseResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.outcome {
-            Ok(()) => write!(
+            Ok(Verdict::Passed) => write!(
                 f,
                 "PASS {} ({:.1} s)",
                 self.name,
                 self.duration.as_secs_f64()
             ),
+            Ok(Verdict::NotApplicable(why)) => write!(f, "N/A  {}: {why}", self.name),
             Err(reason) => write!(f, "FAIL {}: {reason}", self.name),
         }
     }
@@ -139,7 +197,12 @@ pub async fn run_suite(options: &SuiteOptions, on_result: impl Fn(&CaseResult)) 
     results
 }
 
-type CaseFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + 'a>>;
+type CaseFuture<'a> = Pin<Box<dyn Future<Output = Result<Verdict, String>> + 'a>>;
+
+/// A case that passes or fails, as a [`CaseFuture`].
+fn plain<'a>(case: impl Future<Output = Result<(), String>> + 'a) -> CaseFuture<'a> {
+    Box::pin(async move { case.await.map(|()| Verdict::Passed) })
+}
 
 /// Upper bound for any single job of the suite.
 const JOB_BOUND: Duration = Duration::from_secs(180);
@@ -176,19 +239,22 @@ struct Prepared {
 impl<'a> Suite<'a> {
     fn case(&self, name: &str) -> Option<CaseFuture<'_>> {
         Some(match name {
-            "success" => Box::pin(self.success()),
-            "script-exit-3" => Box::pin(self.script_exit(3)),
-            "script-exit-2" => Box::pin(self.script_exit(2)),
-            "after-script-after-failure" => Box::pin(self.after_script_after_failure()),
-            "cancel-during-script" => Box::pin(self.cancel_during_script()),
-            "job-timeout" => Box::pin(self.job_timeout()),
-            "sigterm-during-prepare" => Box::pin(self.sigterm_during_prepare()),
-            "cleanup-idempotent" => Box::pin(self.cleanup_idempotent()),
-            "parallel-jobs" => Box::pin(self.parallel_jobs()),
-            "output-100mb" => Box::pin(self.output_100mb()),
-            "non-utf8-output" => Box::pin(self.non_utf8_output()),
-            "overridden-job-id" => Box::pin(self.overridden_job_id()),
-            "config-stdout-strict" => Box::pin(self.config_stdout_strict()),
+            "success" => plain(self.success()),
+            "script-exit-3" => plain(self.script_exit(3)),
+            "script-exit-2" => plain(self.script_exit(2)),
+            "after-script-after-failure" => plain(self.after_script_after_failure()),
+            "cancel-during-script" => plain(self.cancel_during_script()),
+            "job-timeout" => plain(self.job_timeout()),
+            "sigterm-during-prepare" => plain(self.sigterm_during_prepare()),
+            "cleanup-idempotent" => plain(self.cleanup_idempotent()),
+            "parallel-jobs" => plain(self.parallel_jobs()),
+            "output-100mb" => plain(self.output_100mb()),
+            "non-utf8-output" => plain(self.non_utf8_output()),
+            "overridden-job-id" => plain(self.overridden_job_id()),
+            "config-stdout-strict" => plain(self.config_stdout_strict()),
+            "hostile-symlink-swap" => Box::pin(self.hostile(Hostile::SymlinkSwap)),
+            "hostile-flood" => Box::pin(self.hostile(Hostile::Flood)),
+            "hostile-kill-everything" => Box::pin(self.hostile(Hostile::KillEverything)),
             _ => return None,
         })
     }
@@ -576,6 +642,219 @@ impl<'a> Suite<'a> {
                 .map_err(|e| format!("config stdout has bytes beyond one JSON value: {e}"))?;
         }
         Ok(())
+    }
+}
+
+/// The attacks of the hostile group.
+#[derive(Debug, Clone, Copy)]
+enum Hostile {
+    /// Every entry of every shared directory swapped for a symlink to a host file, again and
+    /// again while the job's later stages run.
+    SymlinkSwap,
+    /// Every FIFO it can reach flooded (and read from), and its own output too.
+    Flood,
+    /// Every process of its environment it can signal killed, the stage machinery included.
+    KillEverything,
+}
+
+/// How long a hostile job may take, all stages together: its own work takes seconds, so
+/// anything near this is a stage that did not end.
+const HOSTILE_BOUND: Duration = Duration::from_secs(150);
+
+/// A host file and directory that no job may change, and what they were before the job.
+struct Canary {
+    dir: tempfile::TempDir,
+    before: (Vec<u8>, std::fs::Metadata),
+}
+
+impl Canary {
+    fn new() -> Result<Canary, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("drover-canary-")
+            .tempdir()
+            .map_err(|e| format!("canary: {e}"))?;
+        let file = dir.path().join("file");
+        std::fs::write(&file, format!("canary {}\n", random_hex(8)))
+            .map_err(|e| format!("canary: {e}"))?;
+        std::fs::create_dir(dir.path().join("dir")).map_err(|e| format!("canary: {e}"))?;
+        let before = Canary::read(&file)?;
+        Ok(Canary { dir, before })
+    }
+
+    fn file(&self) -> String {
+        self.dir.path().join("file").display().to_string()
+    }
+
+    fn subdir(&self) -> String {
+        self.dir.path().join("dir").display().to_string()
+    }
+
+    fn read(file: &std::path::Path) -> Result<(Vec<u8>, std::fs::Metadata), String> {
+        let meta =
+            std::fs::symlink_metadata(file).map_err(|e| format!("the canary file is gone: {e}"))?;
+        let bytes = std::fs::read(file).map_err(|e| format!("canary: {e}"))?;
+        Ok((bytes, meta))
+    }
+
+    /// Fails unless the file and the directory are exactly as they were.
+    fn unchanged(&self) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        let (bytes, meta) = Canary::read(&self.dir.path().join("file"))?;
+        let (old_bytes, old) = &self.before;
+        check(
+            &bytes == old_bytes
+                && meta.file_type().is_file()
+                && (
+                    meta.mode(),
+                    meta.uid(),
+                    meta.gid(),
+                    meta.mtime(),
+                    meta.mtime_nsec(),
+                    meta.ino(),
+                ) == (
+                    old.mode(),
+                    old.uid(),
+                    old.gid(),
+                    old.mtime(),
+                    old.mtime_nsec(),
+                    old.ino(),
+                ),
+            || {
+                format!(
+                    "the host file {} was changed through the driver",
+                    self.file()
+                )
+            },
+        )?;
+        let mut entries: Vec<String> = std::fs::read_dir(self.dir.path())
+            .map_err(|e| format!("canary: {e}"))?
+            .chain(std::fs::read_dir(self.subdir()).map_err(|e| format!("canary: {e}"))?)
+            .flatten()
+            .map(|e| e.path().display().to_string())
+            .collect();
+        entries.sort();
+        check(entries == [self.subdir(), self.file()], || {
+            format!(
+                "the driver made files in host directories through the job's symlinks: {entries:?}"
+            )
+        })
+    }
+}
+
+/// Every `ERROR:` line of the log is one line a person can read, not a dump of what the job
+/// wrote.
+fn errors_are_short(report: &JobReport) -> Result<(), String> {
+    for line in report.log.split(|b| *b == b'\n') {
+        if let Some(at) = line.windows(6).position(|w| w == b"ERROR:") {
+            let length = line.len() - at;
+            check(length <= 600, || {
+                format!(
+                    "an error line of {length} bytes: {}...",
+                    String::from_utf8_lossy(&line[at..at + 200])
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+impl Suite<'_> {
+    /// Whether the driver runs jobs on this host as itself: a job sees a file this process
+    /// made in its temp dir, and has its mount namespace.
+    async fn runs_jobs_on_this_host(&self) -> Result<bool, String> {
+        let content = format!("probe-{}", random_hex(8));
+        let probe = tempfile::NamedTempFile::new().map_err(|e| format!("probe: {e}"))?;
+        std::fs::write(probe.path(), &content).map_err(|e| format!("probe: {e}"))?;
+        let own = std::fs::read_link("/proc/self/ns/mnt").map_err(|e| format!("probe: {e}"))?;
+        let script = [
+            format!("cat {} 2>/dev/null || true", probe.path().display()),
+            "echo \"namespace $(readlink /proc/self/ns/mnt)\"".to_owned(),
+        ];
+        let script: Vec<&str> = script.iter().map(String::as_str).collect();
+        let (report, _) = self.run_simple(self.job(&script, &[])).await?;
+        expect_result(&report, &JobResult::Success).map_err(|e| format!("probe job: {e}"))?;
+        let namespace = format!("namespace {}", own.display());
+        Ok(log_has(&report, content.as_bytes()) && log_has(&report, namespace.as_bytes()))
+    }
+
+    async fn hostile(&self, attack: Hostile) -> Result<Verdict, String> {
+        if self.runs_jobs_on_this_host().await? {
+            return Ok(Verdict::NotApplicable(
+                "this driver runs jobs on the host as its own user (like GitLab's shell executor): nothing isolates them from the host, so there is no isolation to attack".into(),
+            ));
+        }
+        let canary = Canary::new()?;
+        let (script, after): (Vec<String>, &[&str]) = match attack {
+            Hostile::SymlinkSwap => (
+                vec![
+                    SHARED_DIRS.into(),
+                    SWAP.into(),
+                    "echo \"shared with the host: $(shared_dirs | tr '\\n' ' ')\"".into(),
+                    "swap".into(),
+                    "( i=0; while [ $i -lt 3000 ]; do swap; i=$((i+1)); sleep 0.01; done ) >/dev/null 2>&1 &".into(),
+                    "sleep 2".into(),
+                    "echo \"swapped $((6*7))\"".into(),
+                ],
+                &["echo \"after $((6*7))\""],
+            ),
+            Hostile::Flood => (
+                vec![
+                    SHARED_DIRS.into(),
+                    FLOOD.into(),
+                    "sleep 2".into(),
+                    "echo \"flooded $((6*7))\"".into(),
+                ],
+                &["echo \"after $((6*7))\""],
+            ),
+            Hostile::KillEverything => (
+                vec![
+                    "echo \"killing $((6*7))\"".into(),
+                    "kill -9 -1".into(),
+                    "sleep 5".into(),
+                    "echo \"survived $((6*7))\"".into(),
+                ],
+                &["echo \"after $((6*7))\""],
+            ),
+        };
+        let script: Vec<&str> = script.iter().map(String::as_str).collect();
+        let mut job = self.job(&script, after);
+        job.variables.extend([
+            ("DROVER_CANARY_FILE".to_owned(), canary.file()),
+            ("DROVER_CANARY_DIR".to_owned(), canary.subdir()),
+        ]);
+        let job = self.prepare(job, &PayloadOptions::fresh());
+        let (hooks, cancel) = (Hooks::default(), CancelHandle::new());
+        let run = self.run(&job, &self.options.runner, &hooks, &cancel);
+        let report = tokio::time::timeout(HOSTILE_BOUND, run)
+            .await
+            .map_err(|_| format!("the job did not end within {} s", HOSTILE_BOUND.as_secs()))??;
+        canary.unchanged()?;
+        errors_are_short(&report)?;
+        check(
+            report.call_names().last().map(String::as_str) == Some("cleanup"),
+            || "cleanup_exec was not called last".into(),
+        )?;
+        match attack {
+            Hostile::SymlinkSwap => {
+                check(log_has(&report, b"swapped 42"), || {
+                    format!("the attack did not run: {}", report.log_text())
+                })?;
+            }
+            Hostile::Flood => {}
+            Hostile::KillEverything => {
+                check(report.result != JobResult::Success, || {
+                    "a job whose script was killed was reported a success".into()
+                })?;
+                check(log_has(&report, b"after 42"), || {
+                    format!(
+                        "after_script did not run after the stage machinery was killed: {}",
+                        report.log_text()
+                    )
+                })?;
+            }
+        }
+        nothing_left(&job.marker).await?;
+        Ok(Verdict::Passed)
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use drover_harness::conformance::{SuiteOptions, run_suite};
+use drover_harness::conformance::{SuiteOptions, Verdict, run_suite};
 use drover_harness::coordinator::Coordinator;
 use drover_harness::job::JobFile;
 use drover_harness::payload::PayloadOptions;
@@ -284,9 +284,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 ..SuiteOptions::new(driver.driver())
             };
             let results = run_suite(&options, |result| println!("{result}")).await;
-            let passed = results.iter().filter(|r| r.outcome.is_ok()).count();
-            println!("{passed} passed, {} failed", results.len() - passed);
-            Ok(passed == results.len())
+            let count = |verdict: fn(&Result<Verdict, String>) -> bool| {
+                results.iter().filter(|r| verdict(&r.outcome)).count()
+            };
+            let passed = count(|o| matches!(o, Ok(Verdict::Passed)));
+            let not_applicable = count(|o| matches!(o, Ok(Verdict::NotApplicable(_))));
+            let failed = count(Result::is_err);
+            println!("{passed} passed, {failed} failed, {not_applicable} not applicable");
+            Ok(failed == 0)
         }
     }
 }

@@ -45,6 +45,11 @@ impl DriverSetup {
         setup
     }
 
+    /// The `state_dir` its settings were made with.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
     /// What this setup's runner has left on the backend.
     pub fn leftovers(&self) -> Vec<String> {
         (self.leftovers)(&self.runner)
@@ -143,12 +148,32 @@ impl DriverSetup {
     /// Calls the driver's stage `args` (e.g. `["prepare"]`) as the runner would, for the job
     /// whose `JOB_RESPONSE_FILE` is `response`.
     pub fn stage(&self, response: &str, args: &[&str]) -> Output {
+        self.stage_with(response, args, &[])
+    }
+
+    /// [`Self::stage`] with more of the runner's variables, e.g. `CUSTOM_ENV_CI_JOB_SERVICES`.
+    pub fn stage_with(&self, response: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
         let tmp = self.dir.path().join("custom-executor1");
         std::fs::create_dir_all(&tmp).expect("tmp");
         std::fs::write(tmp.join("response.json"), response).expect("response");
         as_runner_calls(&mut self.driver_command(args), &tmp)
+            .envs(env.iter().copied())
             .output()
             .expect("driver runs")
+    }
+
+    /// Runs `script` as stage `build_script` of the job whose `JOB_RESPONSE_FILE` is
+    /// `response`; the driver's exit code and what it wrote (stdout, then stderr).
+    pub fn run_script(&self, response: &str, script: &str) -> (Option<i32>, String) {
+        let path = self.dir.path().join("script");
+        std::fs::write(&path, script).expect("script");
+        let run = self.stage(response, &["run", &path.to_string_lossy(), "build_script"]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        (run.status.code(), text)
     }
 
     /// Runs `DRIVER --config SETTINGS ARGS`, e.g. `gc` or `doctor`.
@@ -190,6 +215,13 @@ impl DriverSetup {
     }
 }
 
+/// A `JOB_RESPONSE_FILE` for job `job` of project `project`.
+pub fn response(job: u64, project: u64) -> String {
+    format!(
+        r#"{{"id": {job}, "token": "t", "job_info": {{"project_id": {project}}}, "runner_info": {{"timeout": 600}}, "variables": []}}"#
+    )
+}
+
 /// Gives `command` what GitLab Runner gives a custom executor's stage, for a job whose
 /// directory is `job_dir` (holding `response.json`): the working directory, the exit codes,
 /// `JOB_RESPONSE_FILE`, `BUILD_EXIT_CODE_FILE` and `TMPDIR` (contract §1, §3).
@@ -224,4 +256,66 @@ pub fn hung_socket(path: &Path) {
             held.push(stream);
         }
     });
+}
+
+/// Runs one stage-by-stage job of project `project` on `setup` (prepare, `script` as
+/// build_script, cleanup) and returns the script's exit code and output.
+pub fn job_with_script(
+    setup: &DriverSetup,
+    job: u64,
+    project: u64,
+    script: &str,
+) -> (Option<i32>, String) {
+    let response = response(job, project);
+    let prepare = setup.stage(&response, &["prepare"]);
+    assert!(
+        prepare.status.success(),
+        "prepare: {}",
+        String::from_utf8_lossy(&prepare.stderr)
+    );
+    let ran = setup.run_script(&response, script);
+    let cleanup = setup.stage(&response, &["cleanup"]);
+    assert!(
+        cleanup.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&cleanup.stderr)
+    );
+    ran
+}
+
+/// What a cache must be in every driver (the isolation issue's item 3): a job of one project
+/// can neither read nor write another project's cache, nor another runner's cache of the same
+/// project; a project's next job on the same runner finds its cache. `other_runner` is a setup
+/// of another runner name on the same host state as `setup`.
+pub fn expect_caches_per_runner_and_project(setup: &DriverSetup, other_runner: &DriverSetup) {
+    let (code, log) = job_with_script(setup, 99101, 5, "echo secret-of-p5 > /cache/p5.txt\n");
+    assert_eq!(code, Some(0), "{log}");
+    let probe = "if [ -e /cache/p5.txt ]; then echo FOUND; cat /cache/p5.txt; fi; echo intruder > /cache/intruder.txt\n";
+    let (code, log) = job_with_script(setup, 99102, 6, probe);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        !log.contains("FOUND"),
+        "project 6 saw project 5's cache: {log}"
+    );
+    let (code, log) = job_with_script(other_runner, 99103, 5, probe);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        !log.contains("FOUND"),
+        "another runner saw this runner's cache: {log}"
+    );
+    let (code, log) = job_with_script(
+        setup,
+        99104,
+        5,
+        "cat /cache/p5.txt; if [ -e /cache/intruder.txt ]; then echo INTRUDED; fi\n",
+    );
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("secret-of-p5"),
+        "the project's cache did not survive: {log}"
+    );
+    assert!(
+        !log.contains("INTRUDED"),
+        "another job wrote into this project's cache: {log}"
+    );
 }

@@ -37,12 +37,24 @@ fn new_setup(test: &str, socket: &str, driver: &str) -> DriverSetup {
 
 /// Settings whose `[driver]` table starts with `connection` (TOML lines).
 fn connected_setup(test: &str, connection: &str, driver: &str) -> DriverSetup {
-    DriverSetup::new(DRIVER, test, leftovers, |runner, state| {
+    setup_in(test, None, connection, driver, "")
+}
+
+/// The same, with the `state_dir` of another setup when given, and more `[policy]`.
+fn setup_in(
+    test: &str,
+    state_of: Option<&DriverSetup>,
+    connection: &str,
+    driver: &str,
+    policy: &str,
+) -> DriverSetup {
+    DriverSetup::new(DRIVER, test, leftovers, |runner, own_state| {
+        let state = state_of.map_or_else(|| own_state.to_owned(), DriverSetup::state_dir);
         format!(
             "runner_name = \"{runner}\"\n\
              [driver]\n{connection}\nstate_dir = {state:?}\n{driver}\n\
              [driver.images]\n\"debian:bookworm\" = \"{IMAGE}\"\n\
-             [policy]\ndefault_image = \"debian:bookworm\"\nallowed_images = [\"debian:*\", \"missing:*\"]\n"
+             [policy]\ndefault_image = \"debian:bookworm\"\nallowed_images = [\"debian:*\", \"missing:*\"]\n{policy}\n"
         )
     })
 }
@@ -74,7 +86,10 @@ fn passes_the_conformance_suite_and_leaves_nothing_behind() {
     let setup = new_setup("conformance", SOCKET, "");
     let (ok, log) = setup.drover(&["conformance"]);
     assert!(ok, "{log}");
-    assert!(log.contains(" passed, 0 failed"), "{log}");
+    assert!(log.contains(" passed, 0 failed, 0 not applicable"), "{log}");
+    for case in drover_harness::conformance::HOSTILE {
+        assert!(log.contains(&format!("PASS {case} ")), "{log}");
+    }
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
 
@@ -367,4 +382,55 @@ fn gc_and_doctor_stop_on_sigterm_against_a_daemon_that_never_answers() {
             "{command} took {took:?}"
         );
     }
+}
+
+#[test]
+fn caches_are_per_runner_and_per_project_and_private_on_the_host() {
+    let test = "caches_are_per_runner_and_per_project_and_private_on_the_host";
+    if !lxd(test) {
+        return;
+    }
+    let connection = format!("socket = {SOCKET:?}");
+    let setup = setup_in("cacheiso", None, &connection, "", "");
+    let other = setup_in("cacheisob", Some(&setup), &connection, "", "");
+    drover_harness::setup::expect_caches_per_runner_and_project(&setup, &other);
+    let dir = setup
+        .state_dir()
+        .join("cache")
+        .join(&setup.runner)
+        .join("p5");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&dir)
+            .expect("the project's cache dir")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700, "{}", dir.display());
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+    assert_eq!(other.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_cpu_request_too_small_to_be_a_limit_is_refused() {
+    let test = "a_cpu_request_too_small_to_be_a_limit_is_refused";
+    if !lxd(test) {
+        return;
+    }
+    let setup = setup_in(
+        "tinycpu",
+        None,
+        &format!("socket = {SOCKET:?}"),
+        "",
+        "max_cpus = 2",
+    );
+    let (ok, log) = setup.run_job(
+        "x:\n  variables: {DROVER_CPUS: \"0.0000000001\"}\n  script: [echo \"ran $((6*7))\"]\n",
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        log.contains("must be a number of CPUs from 0.01 to 2"),
+        "{log}"
+    );
+    assert!(!log.contains("ran 42"), "{log}");
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
 }

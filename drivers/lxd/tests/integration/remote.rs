@@ -150,12 +150,15 @@ fn over_https_jobs_run_with_exec_stages_and_leave_nothing_behind() {
         "after-script-after-failure",
         "cancel-during-script",
         "non-utf8-output",
-    ] {
+    ]
+    .into_iter()
+    .chain(drover_harness::conformance::HOSTILE)
+    {
         args.extend(["--case", case]);
     }
     let (ok, log) = setup.drover(&args);
     assert!(ok, "{log}");
-    assert!(log.contains("5 passed, 0 failed"), "{log}");
+    assert!(log.contains("8 passed, 0 failed"), "{log}");
     assert_eq!(setup.leftovers(), Vec::<String>::new());
     // A remote daemon cannot see this host's files: no stage directory was made.
     assert!(

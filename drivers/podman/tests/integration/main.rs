@@ -37,7 +37,19 @@ fn engine(test: &str) -> Option<PathBuf> {
 
 /// A settings file with a runner name of its own, so leftovers are attributable to one test.
 fn new_setup(test: &str, socket: &Path, driver: &str, policy: &str) -> DriverSetup {
-    DriverSetup::new(DRIVER, test, leftovers, |runner, state| {
+    setup_in(test, None, socket, driver, policy)
+}
+
+/// The same, with the `state_dir` of another setup when given.
+fn setup_in(
+    test: &str,
+    state_of: Option<&DriverSetup>,
+    socket: &Path,
+    driver: &str,
+    policy: &str,
+) -> DriverSetup {
+    DriverSetup::new(DRIVER, test, leftovers, |runner, own_state| {
+        let state = state_of.map_or_else(|| own_state.to_owned(), DriverSetup::state_dir);
         format!(
             "runner_name = \"{runner}\"\n\
              [driver]\nsocket = {socket:?}\npull_policy = \"never\"\nstate_dir = {state:?}\n{driver}\n\
@@ -87,8 +99,15 @@ fn passes_the_conformance_suite_and_leaves_nothing_behind() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
-    // The suite ran successes, failures, a cancel and a timeout: none may leave anything.
+    assert!(
+        stdout.contains(" passed, 0 failed, 0 not applicable"),
+        "{stdout}"
+    );
+    for case in drover_harness::conformance::HOSTILE {
+        assert!(stdout.contains(&format!("PASS {case} ")), "{stdout}");
+    }
+    // The suite ran successes, failures, a cancel, a timeout and hostile jobs: none may leave
+    // anything.
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
 
@@ -406,4 +425,171 @@ fn gc_and_doctor_stop_on_sigterm_against_an_engine_that_never_answers() {
             "{command} took {took:?}"
         );
     }
+}
+
+#[test]
+fn caches_are_per_runner_and_per_project_and_private_on_the_host() {
+    let Some(socket) = engine("caches_are_per_runner_and_per_project_and_private_on_the_host")
+    else {
+        return;
+    };
+    let setup = new_setup("cacheiso", &socket, "network_mode = \"none\"", "");
+    let other = setup_in(
+        "cacheisob",
+        Some(&setup),
+        &socket,
+        "network_mode = \"none\"",
+        "",
+    );
+    drover_harness::setup::expect_caches_per_runner_and_project(&setup, &other);
+    let dir = setup
+        .state_dir()
+        .join("cache")
+        .join(&setup.runner)
+        .join("p5");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&dir)
+            .expect("the project's cache dir")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700, "{}", dir.display());
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+    assert_eq!(other.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_service_off_the_allow_list_is_refused_and_services_get_their_own_limits() {
+    let test = "a_service_off_the_allow_list_is_refused_and_services_get_their_own_limits";
+    let Some(socket) = engine(test) else {
+        return;
+    };
+    // A service image the policy would refuse as the job's image.
+    let refused = "x:\n  services: [docker.io/library/alpine:3]\n  script: [echo never]\n";
+    let setup = new_setup("svcpolicy", &socket, "network_mode = \"none\"", "");
+    let (ok, log) = setup.run_job(refused, &[]);
+    assert!(!ok);
+    assert!(
+        log.contains("service image \"docker.io/library/alpine:3\" is not allowed by the operator's policy.allowed_images"),
+        "{log}"
+    );
+    assert!(log.contains("result: runner_system_failure"), "{log}");
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+
+    // With a list of their own, only that list counts; and a service gets its own limits.
+    let setup = new_setup(
+        "svclimits",
+        &socket,
+        "network_mode = \"none\"",
+        &format!(
+            "cpus = 1.5\nmemory = \"512MiB\"\nservice_cpus = 0.5\nservice_memory = \"64MiB\"\nallowed_services = [\"{SERVICE_IMAGE}\"]"
+        ),
+    );
+    let (ok, log) = setup.run_job(
+        &format!("x:\n  services: [{USER_IMAGE}]\n  script: [echo never]\n"),
+        &[],
+    );
+    assert!(!ok);
+    assert!(log.contains("policy.allowed_services"), "{log}");
+    let services = format!(
+        r#"[{{"name": "{SERVICE_IMAGE}", "alias": "svc", "entrypoint": null, "command": ["sleep", "600"]}}]"#
+    );
+    let response = drover_harness::setup::response(99201, 5);
+    let prepare = setup.stage_with(
+        &response,
+        &["prepare"],
+        &[("CUSTOM_ENV_CI_JOB_SERVICES", &services)],
+    );
+    assert!(
+        prepare.status.success(),
+        "{}",
+        String::from_utf8_lossy(&prepare.stderr)
+    );
+    let limits = |container: &str| {
+        let output = Command::new("podman")
+            .args([
+                "inspect",
+                "--format",
+                "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}",
+                container,
+            ])
+            .output()
+            .expect("podman inspect");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    let job = format!("drover-{}-p5-j99201", setup.runner);
+    assert_eq!(limits(&job), format!("1500000000 {}", 512 << 20));
+    assert_eq!(
+        limits(&format!("{job}-svc-0")),
+        format!("500000000 {}", 64 << 20)
+    );
+    let cleanup = setup.stage(&response, &["cleanup"]);
+    assert!(cleanup.status.success());
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_cpu_request_too_small_to_be_a_limit_is_refused() {
+    let Some(socket) = engine("a_cpu_request_too_small_to_be_a_limit_is_refused") else {
+        return;
+    };
+    let setup = new_setup(
+        "tinycpu",
+        &socket,
+        "network_mode = \"none\"",
+        "max_cpus = 2",
+    );
+    let job = |cpus: &str| {
+        format!("x:\n  variables: {{DROVER_CPUS: \"{cpus}\"}}\n  script: [echo \"ran $((6*7))\"]\n")
+    };
+    let (ok, log) = setup.run_job(&job("0.0000000001"), &[]);
+    assert!(!ok);
+    assert!(
+        log.contains("must be a number of CPUs from 0.01 to 2"),
+        "{log}"
+    );
+    assert!(!log.contains("ran 42"), "{log}");
+    let (ok, log) = setup.run_job(&job("0.5"), &[]);
+    assert!(ok, "{log}");
+    assert!(log.contains("ran 42"), "{log}");
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn cleanup_and_gc_leave_other_runners_jobs_alone_and_gc_finds_half_made_jobs() {
+    let test = "cleanup_and_gc_leave_other_runners_jobs_alone_and_gc_finds_half_made_jobs";
+    let Some(socket) = engine(test) else {
+        return;
+    };
+    // Two runners, the same job id: one's cleanup must not touch the other's volume.
+    let mine = new_setup("mine", &socket, "network_mode = \"none\"", "");
+    let theirs = new_setup("theirs", &socket, "network_mode = \"none\"", "");
+    let response = drover_harness::setup::response(99301, 5);
+    for setup in [&mine, &theirs] {
+        let prepare = setup.stage(&response, &["prepare"]);
+        assert!(
+            prepare.status.success(),
+            "{}",
+            String::from_utf8_lossy(&prepare.stderr)
+        );
+    }
+    assert!(mine.stage(&response, &["cleanup"]).status.success());
+    assert_eq!(mine.leftovers(), Vec::<String>::new());
+    assert_eq!(theirs.leftovers().len(), 2, "{:?}", theirs.leftovers());
+    assert!(theirs.stage(&response, &["cleanup"]).status.success());
+    assert_eq!(theirs.leftovers(), Vec::<String>::new());
+
+    // A job whose containers are gone (a prepare cut short, a crash) still has its volume and
+    // its directory: gc finds them by those.
+    let setup = new_setup("halfmade", &socket, "network_mode = \"none\"", "");
+    setup.abandon_an_expired_job();
+    let container = format!("drover-{}-p5-j99001", setup.runner);
+    let removed = Command::new("podman")
+        .args(["rm", "-f", "-t", "0", &container])
+        .output();
+    assert!(removed.is_ok_and(|o| o.status.success()));
+    assert_eq!(setup.leftovers(), vec![format!("{container}-builds")]);
+    let job_dir = setup.state_dir().join("jobs").join(&container);
+    assert!(job_dir.exists());
+    setup.expect_gc_removes("job 99001");
+    assert!(!job_dir.exists(), "gc left {}", job_dir.display());
 }
