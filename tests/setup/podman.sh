@@ -12,7 +12,9 @@
 #                                               the driver bind-mounts gitlab-runner into it)
 #       localhost/drover-test/busybox:latest    busybox-static only (service containers: nc -l -p)
 #   - rootfs tarballs cached in /var/cache/drover/images/, so a rerun after `podman rmi` imports
-#     instead of running debootstrap again.
+#     instead of running debootstrap again;
+#   - /var/cache/drover/busybox, the static busybox alone (drover-core tests its stage agent
+#     under busybox's sh with it).
 #
 # Environment: DROVER_DEBIAN_MIRROR (default: debootstrap's own default mirror).
 set -euo pipefail
@@ -202,6 +204,15 @@ ensure_image() {
 ensure_image "$USER_IMAGE" build_user_tar "$USER_TAR" /bin/bash
 ensure_image "$HELPER_IMAGE" build_helper_tar "$HELPER_TAR" /bin/bash
 ensure_image "$BUSYBOX_IMAGE" build_busybox_tar "$BUSYBOX_TAR" /bin/sh
+
+# The static busybox on its own, for drover-core's tests of the stage agent under busybox's sh.
+if [ ! -x /var/cache/drover/busybox ]; then
+    build_busybox_tar
+    tar -xOf "$BUSYBOX_TAR" ./bin/busybox >/var/cache/drover/busybox.tmp \
+        && chmod 0755 /var/cache/drover/busybox.tmp && mv /var/cache/drover/busybox.tmp /var/cache/drover/busybox \
+        || die "cannot unpack busybox from $BUSYBOX_TAR"
+    say "busybox for the agent's tests at /var/cache/drover/busybox"
+fi
 
 step_start=$t0
 say "done"

@@ -4,9 +4,9 @@
 //!
 //! Per job one instance, `drover-<runner>-p<project>-j<job>`, named from the job's trusted
 //! identity and labelled with `user.drover.*` config keys (runner, project, job, expiry) for
-//! `gc`. Stages go to a dispatcher in the instance where it can share a host directory, else
-//! to an exec each (see `stages`). The cache is a disk device at `/cache`, one per project, so
-//! it survives the instance (contract §8). Section numbers (§) refer to `contract.md`.
+//! `gc`. Stages go through the core's stage channel: to an agent in the instance where it can
+//! share a host directory, else to an exec each (see `stages`). The cache is a disk device at
+//! `/cache`, one per runner and project, so it survives the instance (contract §8). Section numbers (§) refer to `contract.md`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

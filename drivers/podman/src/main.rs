@@ -11,9 +11,10 @@
 //! drover-<runner>-p<project>-j<job>-builds     the builds volume, shared by job and helper
 //! ```
 //!
-//! Each run stage is the runner's script handed to a dispatcher that is the container's PID 1
-//! (see `stages`), with its output streamed as it arrives. The cache is a host directory mounted at `/cache`, so it
-//! survives the job's containers (contract §8). Section numbers (§) refer to `contract.md`.
+//! Each run stage goes through the core's stage channel to the agent that is the container's
+//! PID 1 (see `stages`), with its output streamed as it arrives. The cache is a host directory
+//! per runner and project mounted at `/cache`, so it survives the job's containers (contract
+//! §8). Section numbers (§) refer to `contract.md`.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -252,7 +253,7 @@ impl Driver for PodmanDriver {
         Ok(())
     }
 
-    /// The script goes to the container's dispatcher (see `stages`); its output is streamed
+    /// The script goes to the container's stage agent (see `stages`); its output is streamed
     /// as it arrives and its exit status comes back with it.
     async fn run(&self, job: &Job, script: &Script) -> Result<i32> {
         let role = if self.settings.helper_image.is_some() && script.sub_stage.is_predefined() {
