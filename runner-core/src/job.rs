@@ -101,7 +101,7 @@ impl Job {
         &self.policy
     }
 
-    /// The job timeout GitLab set (§4.2), at most [`MAX_TIMEOUT`].
+    /// The job timeout GitLab set (§4.2), at most a year (see `MAX_TIMEOUT`).
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.response.runner_info.effective_timeout_secs()).min(MAX_TIMEOUT)
     }
