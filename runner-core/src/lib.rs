@@ -26,6 +26,7 @@
 
 pub use drover_protocol as protocol;
 
+pub mod cache;
 pub mod channel;
 mod driver;
 mod entry;

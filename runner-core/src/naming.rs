@@ -69,6 +69,11 @@ impl ResourceNames {
         format!("drover-{runner}-")
     }
 
+    /// The operator's `runner_name`.
+    pub fn runner(&self) -> &str {
+        &self.runner
+    }
+
     /// The trusted identity.
     pub fn identity(&self) -> TrustedIdentity {
         self.identity

@@ -29,7 +29,6 @@ mod tls;
 use api::{Lxd, Remote};
 use drover_core::channel::{ChannelDir, MOUNT};
 use spares::Pool;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 
 /// The `builds_dir` inside every instance (§2).
 const BUILDS_DIR: &str = "/builds";
@@ -241,7 +240,7 @@ impl Driver for LxdDriver {
         let connect = || self.connect();
         let exec = stages::InstanceExec::new(&name, &connect);
         let body = script.read().await?;
-        stages::run(
+        drover_core::channel::run_in(
             &exec,
             &self.channel_path(&name),
             &self.settings.shell,
@@ -432,7 +431,8 @@ impl LxdDriver {
     ) -> Result<()> {
         let name = job.names().job();
         if lxd.is_local() {
-            self.hand_cache_to(job, root_owner(&lxd.instance(&name).await?))?;
+            let owner = root_owner(&lxd.instance(&name).await?);
+            drover_core::cache::hand_over(&self.cache_dir(job)?, owner)?;
         }
         lxd.set_state(&name, "start").await?;
         self.wait_until_ready(lxd, &name, job).await?;
@@ -440,12 +440,7 @@ impl LxdDriver {
             let connect = || self.connect();
             let exec = stages::InstanceExec::with_client(&name, lxd, &connect);
             let channel = self.channel_path(&name);
-            if let Err(err) = stages::start_agent(&exec, &channel, &self.settings.shell).await {
-                progress!(
-                    "No stage channel through {} ({err}); each stage runs as an exec",
-                    channel.display()
-                );
-            }
+            drover_core::channel::settle_agent(&exec, &channel, &self.settings.shell, true).await?;
         }
         if let Some(binary) = &self.settings.gitlab_runner_binary {
             if !lxd.file_exists(&name, RUNNER_IN_INSTANCE).await? {
@@ -516,38 +511,10 @@ impl LxdDriver {
         )
     }
 
-    /// The project's host cache directory of this runner
-    /// (`<state_dir>/cache/<runner>/p<project>`), private (0700): prepare hands it to the
-    /// instance's root (see [`Self::hand_cache_to`]) before the instance starts.
+    /// The project's host cache directory of this runner, private; prepare hands it to the
+    /// instance's root before the instance starts.
     fn cache_dir(&self, job: &Job) -> Result<PathBuf> {
-        let runner_dir = self.settings.state_dir.join("cache").join(&self.runner);
-        let dir = runner_dir.join(format!("p{}", job.identity().project_id));
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .or_system(format_args!("cannot create {}", dir.display()))?;
-        for private in [&runner_dir, &dir] {
-            std::fs::set_permissions(private, std::fs::Permissions::from_mode(0o700))
-                .or_system(format_args!("cannot set the mode of {}", private.display()))?;
-        }
-        Ok(dir)
-    }
-
-    /// Makes the project's cache directory the instance's root's (its host ids): an
-    /// unprivileged container's root is an ordinary user on the host.
-    fn hand_cache_to(&self, job: &Job, (uid, gid): (u32, u32)) -> Result<()> {
-        let dir = self.cache_dir(job)?;
-        let current = std::fs::symlink_metadata(&dir).or_system(dir.display())?;
-        if (current.uid(), current.gid()) != (uid, gid) {
-            // The entry itself is the driver's: a job can change what is inside the directory
-            // (the root of its mount), never the entry, and lchown never follows a symlink.
-            std::os::unix::fs::lchown(&dir, Some(uid), Some(gid)).or_system(format_args!(
-                "cannot hand {} to the instance's root",
-                dir.display()
-            ))?;
-        }
-        Ok(())
+        drover_core::cache::project_dir(&self.settings.state_dir.join("cache"), job)
     }
 
     /// Waits, bounded, until the new instance runs commands.

@@ -13,9 +13,8 @@ use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use drover_core::channel::{self, ChannelDir, Exec, MOUNT, Output, PerStageExec, SharedDir};
+use drover_core::channel::{Exec, Output};
 use drover_core::{Error, Result};
-use tokio_util::sync::CancellationToken;
 
 use crate::api::Lxd;
 
@@ -71,35 +70,4 @@ impl Exec for InstanceExec<'_> {
 /// The host side of instance `name`'s channel directory.
 pub fn channel_path(state_dir: &Path, name: &str) -> PathBuf {
     state_dir.join("io").join(name)
-}
-
-/// Starts the stage agent of a new instance whose device attaches the channel directory at
-/// `path`; on failure (the instance does not see the directory) the directory is removed, so
-/// stages take an exec each.
-pub async fn start_agent(exec: &InstanceExec<'_>, path: &Path, shell: &str) -> Result<()> {
-    let Some(dir) = ChannelDir::open(path)? else {
-        return Ok(());
-    };
-    let started = channel::start_agent(&SharedDir::new(dir, MOUNT, shell, exec)).await;
-    if started.is_err() {
-        ChannelDir::remove(path);
-    }
-    started
-}
-
-/// Runs `script` in the instance, through its channel directory when it has one.
-pub async fn run(
-    exec: &InstanceExec<'_>,
-    path: &Path,
-    shell: &str,
-    script: &[u8],
-    cancel: &CancellationToken,
-) -> Result<i32> {
-    match ChannelDir::open(path)? {
-        Some(dir) => {
-            let transport = SharedDir::new(dir, MOUNT, shell, exec);
-            channel::run_stage(&transport, script, cancel).await
-        }
-        None => channel::run_stage(&PerStageExec::new(exec, shell), script, cancel).await,
-    }
 }

@@ -238,10 +238,7 @@ impl Engine {
         &self,
         labels: &[(&str, &str)],
     ) -> Result<Vec<(String, HashMap<String, String>)>> {
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-        )]);
+        let filters = label_filters(labels);
         let options = ListContainersOptions {
             all: true,
             filters: Some(filters),
@@ -268,10 +265,7 @@ impl Engine {
         &self,
         labels: &[(&str, &str)],
     ) -> Result<Vec<(String, HashMap<String, String>)>> {
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-        )]);
+        let filters = label_filters(labels);
         let options = bollard::query_parameters::ListVolumesOptions {
             filters: Some(filters),
         };
@@ -387,6 +381,14 @@ impl Engine {
             _ => unreachable(&self.endpoint, err),
         }
     }
+}
+
+/// The engine's filter for resources carrying every `label=value` (see [`has_labels`]).
+fn label_filters(labels: &[(&str, &str)]) -> HashMap<String, Vec<String>> {
+    HashMap::from([(
+        "label".to_owned(),
+        labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+    )])
 }
 
 /// Whether `found` carries every `label=value` of `wanted`.

@@ -17,11 +17,11 @@
 //! §8). Section numbers (§) refer to `contract.md`.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bollard::models::{ContainerCreateBody, HostConfig};
+use drover_core::channel;
 use drover_core::naming::{LABEL_JOB, LABEL_PROJECT, LABEL_RUNNER, ResourceNames, is_expired};
 use drover_core::protocol::ConfigOutput;
 use drover_core::{
@@ -241,10 +241,11 @@ impl Driver for PodmanDriver {
                 engine: &engine,
                 container: self.container(job, role),
             };
-            stages::await_agent(
+            channel::settle_agent(
                 &exec,
                 &stages::channel_path(&job_dir, role),
                 &self.settings.shell,
+                false,
             )
             .await?;
         }
@@ -268,7 +269,7 @@ impl Driver for PodmanDriver {
             container: self.container(job, role),
         };
         let path = stages::channel_path(&self.job_dir(job), role);
-        stages::run(
+        channel::run_in(
             &exec,
             &path,
             &self.settings.shell,
@@ -419,39 +420,15 @@ impl PodmanDriver {
     /// 0700 and owned by the user the image runs as: no other project's job, and no other
     /// user of the host, can read or write it.
     async fn cache_bind(&self, engine: &Engine, job: &Job, image: &str) -> Result<String> {
-        let runner_dir = self.settings.state_dir.join("cache").join(&self.runner);
-        let dir = runner_dir.join(format!("p{}", job.identity().project_id));
-        let create = std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir);
-        create.or_system(format_args!(
-            "cannot create the cache dir {}",
-            dir.display()
-        ))?;
-        for private in [&runner_dir, &dir] {
-            std::fs::set_permissions(private, std::fs::Permissions::from_mode(0o700))
-                .or_system(format_args!("cannot set the mode of {}", private.display()))?;
-        }
+        let dir = drover_core::cache::project_dir(&self.settings.state_dir.join("cache"), job)?;
         let user = engine.image_user(image).await?;
-        let (uid, gid) = match numeric_user(&user) {
-            Some(ids) => ids,
-            None => {
-                progress!(
-                    "*** WARNING: image {image} runs as user {user:?}, not a number: the cache at {CACHE_DIR} is writable by root only"
-                );
-                (0, 0)
-            }
-        };
-        let current = std::fs::metadata(&dir).or_system(dir.display())?;
-        if (current.uid(), current.gid()) != (uid, gid) {
-            // The directory is the driver's own (not reachable by any job while it changes
-            // hands): no symlink can be in its place.
-            std::os::unix::fs::lchown(&dir, Some(uid), Some(gid)).or_system(format_args!(
-                "cannot hand {} to the image's user",
-                dir.display()
-            ))?;
-        }
+        let owner = numeric_user(&user).unwrap_or_else(|| {
+            progress!(
+                "*** WARNING: image {image} runs as user {user:?}, not a number: the cache at {CACHE_DIR} is writable by root only"
+            );
+            (0, 0)
+        });
+        drover_core::cache::hand_over(&dir, owner)?;
         Ok(format!("{}:{CACHE_DIR}", dir.display()))
     }
 

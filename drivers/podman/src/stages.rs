@@ -8,17 +8,12 @@
 //! container alive; prepare notices and removes the directory, and each stage is an exec.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use bytes::Bytes;
-use drover_core::channel::{self, ChannelDir, Exec, MOUNT, Output, PerStageExec, SharedDir};
-use drover_core::{Result, progress};
-use tokio_util::sync::CancellationToken;
+use drover_core::Result;
+use drover_core::channel::{self, ChannelDir, Exec, MOUNT, Output};
 
 use crate::engine::Engine;
-
-/// How long a new container's agent may take to listen before its stages fall back to execs.
-const AGENT_START: Duration = Duration::from_secs(10);
 
 /// One container of the job, reached through the engine's exec API.
 pub struct ContainerExec<'a> {
@@ -54,38 +49,4 @@ pub fn create_channel(path: &Path) -> Result<String> {
 /// The container's entrypoint: the stage agent serving its channel directory.
 pub fn entrypoint(shell: &str) -> Vec<String> {
     channel::serve_argv(MOUNT, shell)
-}
-
-/// Waits, bounded, until the container's agent listens; if it does not (the engine cannot see
-/// the directory), removes the directory so every stage takes an exec.
-pub async fn await_agent(exec: &ContainerExec<'_>, path: &Path, shell: &str) -> Result<()> {
-    let Some(dir) = ChannelDir::open(path)? else {
-        return Ok(());
-    };
-    let transport = SharedDir::new(dir, MOUNT, shell, exec);
-    if let Err(err) = channel::wait_listening(&transport, AGENT_START).await {
-        progress!(
-            "No stage channel through {} ({err}); each stage runs as an exec",
-            path.display()
-        );
-        ChannelDir::remove(path);
-    }
-    Ok(())
-}
-
-/// Runs `script` in the container, through its channel directory when it has one.
-pub async fn run(
-    exec: &ContainerExec<'_>,
-    path: &Path,
-    shell: &str,
-    script: &[u8],
-    cancel: &CancellationToken,
-) -> Result<i32> {
-    match ChannelDir::open(path)? {
-        Some(dir) => {
-            let transport = SharedDir::new(dir, MOUNT, shell, exec);
-            channel::run_stage(&transport, script, cancel).await
-        }
-        None => channel::run_stage(&PerStageExec::new(exec, shell), script, cancel).await,
-    }
 }

@@ -56,6 +56,7 @@ mod shared_dir;
 mod wire;
 
 use std::io;
+use std::path::Path;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -169,6 +170,48 @@ pub async fn wait_listening(transport: &impl Transport, timeout: Duration) -> Re
 pub async fn start_agent(transport: &impl Transport) -> Result<()> {
     transport.launch().await?;
     wait_listening(transport, LISTEN_TIMEOUT).await
+}
+
+/// For prepare: makes sure an agent serves the channel directory at `dir` (mounted at
+/// [`MOUNT`] in `exec`'s environment): started here when `launch`, else the one the
+/// environment's entrypoint started is waited for. When none comes (the environment does not
+/// see the directory: an engine in a VM, a VM's disk device), the directory is removed and the
+/// job log says so: every stage then takes an exec ([`run_in`]).
+pub async fn settle_agent(exec: &impl Exec, dir: &Path, shell: &str, launch: bool) -> Result<()> {
+    let Some(channel) = ChannelDir::open(dir)? else {
+        return Ok(());
+    };
+    let transport = SharedDir::new(channel, MOUNT, shell, exec);
+    let listening = if launch {
+        start_agent(&transport).await
+    } else {
+        wait_listening(&transport, LISTEN_TIMEOUT).await
+    };
+    if let Err(err) = listening {
+        progress!(
+            "No stage channel through {} ({err}); each stage runs as an exec",
+            dir.display()
+        );
+        ChannelDir::remove(dir);
+    }
+    Ok(())
+}
+
+/// Runs `script` in `exec`'s environment, through the channel directory at `dir` when prepare
+/// made one ([`settle_agent`]), else as an exec.
+pub async fn run_in(
+    exec: &impl Exec,
+    dir: &Path,
+    shell: &str,
+    script: &[u8],
+    cancel: &CancellationToken,
+) -> Result<i32> {
+    match ChannelDir::open(dir)? {
+        Some(channel) => {
+            run_stage(&SharedDir::new(channel, MOUNT, shell, exec), script, cancel).await
+        }
+        None => run_stage(&PerStageExec::new(exec, shell), script, cancel).await,
+    }
 }
 
 /// A fresh nonce for a stage.

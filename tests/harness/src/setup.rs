@@ -181,10 +181,25 @@ impl DriverSetup {
         self.driver_command(args).output().expect("driver runs")
     }
 
+    /// Asserts that `gc` and `doctor`, stuck on a backend that never answers, stop within 3 s
+    /// of SIGTERM with a system failure that says they were interrupted.
+    pub fn expect_maintenance_stops_on_sigterm(&self) {
+        for command in ["gc", "doctor"] {
+            let (output, took) = self.interrupted(&[command], Duration::from_millis(500));
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{command}: {stderr}");
+            assert!(
+                stderr.contains(&format!("{command} was interrupted")),
+                "{command}: {stderr}"
+            );
+            assert!(took < Duration::from_secs(3), "{command} took {took:?}");
+        }
+    }
+
     /// Runs `DRIVER --config SETTINGS ARGS`, sends it SIGTERM after `after`, and returns how it
     /// ended and how long it took after the signal. A driver still running 10 s after the
     /// signal is SIGKILLed and the test fails.
-    pub fn interrupted(&self, args: &[&str], after: Duration) -> (Output, Duration) {
+    fn interrupted(&self, args: &[&str], after: Duration) -> (Output, Duration) {
         let child = self
             .driver_command(args)
             .stdout(Stdio::piped())
@@ -285,8 +300,9 @@ pub fn job_with_script(
 
 /// What a cache must be in every driver (the isolation issue's item 3): a job of one project
 /// can neither read nor write another project's cache, nor another runner's cache of the same
-/// project; a project's next job on the same runner finds its cache. `other_runner` is a setup
-/// of another runner name on the same host state as `setup`.
+/// project; a project's next job on the same runner finds its cache, and on the host the cache
+/// (`<state_dir>/cache/<runner>/p<project>`) is private. `other_runner` is a setup of another
+/// runner name on the same host state as `setup`.
 pub fn expect_caches_per_runner_and_project(setup: &DriverSetup, other_runner: &DriverSetup) {
     let (code, log) = job_with_script(setup, 99101, 5, "echo secret-of-p5 > /cache/p5.txt\n");
     assert_eq!(code, Some(0), "{log}");
