@@ -8,9 +8,11 @@
 //!   line each, from the FIFO `DIR/wake`: `run NONCE` runs `DIR/NONCE.sh` with its output on
 //!   the FIFOs `DIR/NONCE.out` and `DIR/NONCE.err`, and holds `DIR/NONCE.alive` open while it
 //!   waits for the script (the script does not inherit it), so the driver sees at once when
-//!   the waiter is killed; `signal TERM|KILL PGID` signals a stage's process group. A stage runs in a subshell of its own, so the loop is free to take a
-//!   signal order while a script runs, and a killed loop does not take the running stage with
-//!   it. Without `DIR/wake` (an engine that does not see the host's directory) it only keeps
+//!   the waiter is killed; `signal TERM|KILL PGID` signals a stage's process group. A stage
+//!   runs in a subshell of its own, so the loop is free to take a signal order while a script
+//!   runs, and a killed loop does not take the running stage with it. Where the agent is the
+//!   environment's first process it inherits every orphan of the job, and `jobs` reaps those
+//!   that ended (and its own ended stages) at each order. Without `DIR/wake` (an engine that does not see the host's directory) it only keeps
 //!   the environment alive, and the driver runs every stage as an exec instead.
 //! - `stage NONCE SHELL -`: one stage, for transports that start a process per stage (an exec,
 //!   an SSH channel): the script comes on stdin and the output goes to stdout and stderr.
@@ -45,6 +47,7 @@ serve)
   fi
   exec 3<>"$io/wake" </dev/null
   while read -r verb a b <&3; do
+    jobs >/dev/null
     case $verb in
     run)
       case $a in ''|*[!0-9a-f]*) continue ;; esac

@@ -48,7 +48,10 @@
 //! passes the script's bytes on without collecting them, in linear time. A job can forge its
 //! own exit line or break its own channel (kill the agent, steal its orders, flood its FIFOs);
 //! that ends its own stage, with a system failure that says so, within [`START_TIMEOUT`], the
-//! end of the script, or the cancel grace. It cannot make the driver touch anything else.
+//! end of the script, or the cancel grace. A stage that never started tells the transport
+//! ([`Transport::unanswered`]): the shared directory then hands the job's later stages to an
+//! exec, so that a job still reading the agent's orders loses one stage, not every one left.
+//! It cannot make the driver touch anything else.
 
 mod agent;
 mod exec;
@@ -146,6 +149,12 @@ pub trait Transport {
 
     /// Sends `signal` to the stage's process group `pgid` in the environment.
     async fn signal(&self, pgid: u32, signal: StopSignal) -> Result<()>;
+
+    /// Called when a delivered stage never started (no start line within [`START_TIMEOUT`]):
+    /// something in the environment takes the agent's orders or holds the agent up. A
+    /// transport that has another way in for the job's later stages switches to it here, so
+    /// that only this stage is lost; by default nothing changes.
+    fn unanswered(&self) {}
 }
 
 /// Waits, bounded by `timeout`, until `transport` listens.
@@ -313,6 +322,7 @@ async fn follow(
                 }
             }
             () = tokio::time::sleep_until(started + START_TIMEOUT), if pgid.is_none() => {
+                transport.unanswered();
                 return Err(Error::system(format!(
                     "the stage agent in {} did not start the script within {} s; did the job interfere with its channel?",
                     transport.describe(),

@@ -46,7 +46,7 @@ use tokio_util::io::ReaderStream;
 
 use super::exec::order;
 use super::{Chunk, Delivery, Exec, Output, StopSignal, Transport, launch_argv, signal_argv};
-use crate::{Error, Result, Stream};
+use crate::{Error, Result, Stream, progress};
 
 /// The FIFO the agent takes its orders from.
 const WAKE: &str = "wake";
@@ -194,9 +194,10 @@ impl ChannelDir {
             return Ok(false);
         };
         let mut wake = std::fs::File::from(wake);
-        let line = format!("{order}\n");
-        // One write of a short line to a pipe is atomic; it only waits when the job filled
-        // the pipe, and then boundedly.
+        let line = format!("\n{order}\n");
+        // The leading newline ends whatever line a job left unfinished in the FIFO, so that
+        // the agent drops that line, not this order. One write of a short line to a pipe is
+        // atomic; it only waits when the job filled the pipe, and then boundedly.
         for _ in 0..100 {
             match wake.write(line.as_bytes()) {
                 Ok(written) if written == line.len() => return Ok(true),
@@ -361,6 +362,18 @@ impl<E: Exec> Transport for SharedDir<'_, E> {
             alive: Some(alive),
             _files: files,
         }))
+    }
+
+    /// The job reads the agent's orders itself (or stopped the agent without killing it):
+    /// each later stage of the job runs as an exec instead, which the job cannot intercept.
+    /// The directory goes; a late agent cannot act on an order whose FIFOs are gone, as it
+    /// cannot make them again in its read-only mount.
+    fn unanswered(&self) {
+        progress!(
+            "The stage channel of {} does not answer; the job's later stages each run as an exec",
+            self.describe()
+        );
+        ChannelDir::remove(self.path());
     }
 
     /// Through the agent; through an exec when the agent is gone (the script may outlive it).

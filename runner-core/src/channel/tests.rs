@@ -224,6 +224,83 @@ async fn a_stage_whose_agent_waiter_is_killed_fails_at_once_and_its_script_is_st
 }
 
 #[tokio::test]
+async fn a_line_the_job_left_unfinished_in_wake_does_not_swallow_the_next_order() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exec = LocalExec::new(None);
+    let path = tmp.path().join("private").join("io");
+    let dir = ChannelDir::create(&path).expect("channel dir");
+    let mount = path.to_string_lossy().into_owned();
+    let transport = SharedDir::new(dir, &mount, "bash", &exec);
+    start_agent(&transport).await.expect("agent");
+    let mut wake = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path.join("wake"))
+        .expect("wake");
+    std::io::Write::write_all(&mut wake, b"run 0123 and no newline").expect("junk");
+    drop(wake);
+    let status = run_captured(&transport, "exit 4", &CancellationToken::new()).await;
+    assert_eq!(status.expect("the stage ran"), 4);
+    let _ = std::process::Command::new("pkill")
+        .args(["-f", &format!("{AGENT_NAME} serve {mount}")])
+        .status();
+}
+
+#[tokio::test]
+async fn a_job_that_takes_the_agents_orders_loses_one_stage_and_the_next_runs_as_an_exec() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exec = LocalExec::new(None);
+    let path = tmp.path().join("private").join("io");
+    let dir = ChannelDir::create(&path).expect("channel dir");
+    let mount = path.to_string_lossy().into_owned();
+    // The job's process reads `wake` in the agent's place (holding it open as the agent
+    // does, so that it never sees an end): every order goes to it.
+    let _thief = Killed(
+        std::process::Command::new("sh")
+            .args(["-c", "exec 3<>\"$0\"; exec cat <&3 >/dev/null"])
+            .arg(path.join("wake"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cat"),
+    );
+    let transport = SharedDir::new(dir, &mount, "bash", &exec);
+    wait_listening(&transport, LISTEN_TIMEOUT)
+        .await
+        .expect("the thief reads");
+    // Nothing answers: the clock may run ahead to the start timeout.
+    tokio::time::pause();
+    let err = run_captured(&transport, "echo never", &CancellationToken::new())
+        .await
+        .expect_err("the order was taken");
+    tokio::time::resume();
+    assert!(
+        err.to_string()
+            .contains("did not start the script within 30 s"),
+        "{err}"
+    );
+    assert!(!path.exists(), "the channel directory is still there");
+    let status = run_in(
+        &exec,
+        &path,
+        "bash",
+        b"echo through an exec; exit 3\n",
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("the next stage runs");
+    assert_eq!(status, 3);
+}
+
+/// A child killed when the test ends, also when it fails.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
 async fn stages_as_one_exec_each_under_every_sh() {
     let tmp = tempfile::tempdir().expect("tmp");
     for (name, bin) in shells(tmp.path()) {
