@@ -12,8 +12,9 @@
 //!   runs in a subshell of its own, so the loop is free to take a signal order while a script
 //!   runs, and a killed loop does not take the running stage with it. Where the agent is the
 //!   environment's first process it inherits every orphan of the job, and `jobs` reaps those
-//!   that ended (and its own ended stages) at each order. Without `DIR/wake` (an engine that does not see the host's directory) it only keeps
-//!   the environment alive, and the driver runs every stage as an exec instead.
+//!   that ended (and its own ended stages) at each order. Without `DIR/wake` (an engine that
+//!   does not see the host's directory) it only keeps the environment alive, and the driver
+//!   runs every stage as an exec instead.
 //! - `stage NONCE SHELL -`: one stage, for transports that start a process per stage (an exec,
 //!   an SSH channel): the script comes on stdin and the output goes to stdout and stderr.
 //! - `signal TERM|KILL PGID`: signals a stage's process group, for the same transports.

@@ -122,15 +122,46 @@ async fn gone_within(pattern: &str, bound: Duration) -> bool {
     true
 }
 
+/// A channel directory at `path` for an agent on this host, which sees the directory at
+/// its host path (its "mount"). The agent serving it is stopped when this goes.
+struct TestChannel {
+    path: PathBuf,
+    mount: String,
+}
+
+impl TestChannel {
+    fn create(path: PathBuf) -> (TestChannel, ChannelDir) {
+        let dir = ChannelDir::create(&path).expect("channel dir");
+        let mount = path.to_string_lossy().into_owned();
+        (TestChannel { path, mount }, dir)
+    }
+
+    /// The command line of the agent serving this directory, as `pgrep -f` matches it.
+    fn agent(&self) -> String {
+        format!("{AGENT_NAME} serve {}", self.mount)
+    }
+
+    fn stop_agent(&self) {
+        let _ = std::process::Command::new("pkill")
+            .args(["-f", &self.agent()])
+            .status();
+    }
+}
+
+impl Drop for TestChannel {
+    fn drop(&mut self) {
+        self.stop_agent();
+    }
+}
+
 #[tokio::test]
 async fn stages_through_the_shared_directory_under_every_sh() {
     let tmp = tempfile::tempdir().expect("tmp");
     for (name, bin) in shells(tmp.path()) {
         let exec = LocalExec::new(bin.as_deref());
-        let path = tmp.path().join(format!("private-{name}")).join("io");
-        let dir = ChannelDir::create(&path).expect("channel dir");
-        let mount = path.to_string_lossy().into_owned();
-        let transport = SharedDir::new(dir, &mount, "bash", &exec);
+        let (channel, dir) =
+            TestChannel::create(tmp.path().join(format!("private-{name}")).join("io"));
+        let transport = SharedDir::new(dir, &channel.mount, "bash", &exec);
         assert!(!transport.listening(), "{name}: no agent yet");
         start_agent(&transport).await.expect("agent");
         let cancel = CancellationToken::new();
@@ -161,31 +192,20 @@ async fn stages_through_the_shared_directory_under_every_sh() {
         );
 
         // An agent killed between stages is started again by the next stage.
-        let _ = std::process::Command::new("pkill")
-            .args(["-f", &format!("{AGENT_NAME} serve {mount}")])
-            .status();
-        assert!(
-            gone_within(
-                &format!("{AGENT_NAME} serve {mount}"),
-                Duration::from_secs(5)
-            )
-            .await
-        );
+        channel.stop_agent();
+        assert!(gone_within(&channel.agent(), Duration::from_secs(5)).await);
         let status = run_captured(&transport, "exit 0", &CancellationToken::new())
             .await
             .expect("stage after a restart");
         assert_eq!(status, 0, "{name}");
 
         // Nothing of the stages is left in the directory.
-        let mut entries: Vec<String> = std::fs::read_dir(&path)
+        let mut entries: Vec<String> = std::fs::read_dir(&channel.path)
             .expect("dir")
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
         entries.sort();
         assert_eq!(entries, ["wake"], "{name}");
-        let _ = std::process::Command::new("pkill")
-            .args(["-f", &format!("{AGENT_NAME} serve {mount}")])
-            .status();
     }
 }
 
@@ -193,10 +213,8 @@ async fn stages_through_the_shared_directory_under_every_sh() {
 async fn a_stage_whose_agent_waiter_is_killed_fails_at_once_and_its_script_is_stopped() {
     let tmp = tempfile::tempdir().expect("tmp");
     let exec = LocalExec::new(None);
-    let path = tmp.path().join("private").join("io");
-    let dir = ChannelDir::create(&path).expect("channel dir");
-    let mount = path.to_string_lossy().into_owned();
-    let transport = SharedDir::new(dir, &mount, "bash", &exec);
+    let (channel, dir) = TestChannel::create(tmp.path().join("private").join("io"));
+    let transport = SharedDir::new(dir, &channel.mount, "bash", &exec);
     start_agent(&transport).await.expect("agent");
     // The script kills its parent, the stage's waiter: no exit line can come any more, and the
     // driver must not wait for the script to say so.
@@ -218,51 +236,41 @@ async fn a_stage_whose_agent_waiter_is_killed_fails_at_once_and_its_script_is_st
         gone_within(&marker, Duration::from_secs(5)).await,
         "the script outlived its failed stage"
     );
-    let _ = std::process::Command::new("pkill")
-        .args(["-f", &format!("{AGENT_NAME} serve {mount}")])
-        .status();
 }
 
 #[tokio::test]
 async fn a_line_the_job_left_unfinished_in_wake_does_not_swallow_the_next_order() {
     let tmp = tempfile::tempdir().expect("tmp");
     let exec = LocalExec::new(None);
-    let path = tmp.path().join("private").join("io");
-    let dir = ChannelDir::create(&path).expect("channel dir");
-    let mount = path.to_string_lossy().into_owned();
-    let transport = SharedDir::new(dir, &mount, "bash", &exec);
+    let (channel, dir) = TestChannel::create(tmp.path().join("private").join("io"));
+    let transport = SharedDir::new(dir, &channel.mount, "bash", &exec);
     start_agent(&transport).await.expect("agent");
     let mut wake = std::fs::OpenOptions::new()
         .write(true)
-        .open(path.join("wake"))
+        .open(channel.path.join("wake"))
         .expect("wake");
     std::io::Write::write_all(&mut wake, b"run 0123 and no newline").expect("junk");
     drop(wake);
     let status = run_captured(&transport, "exit 4", &CancellationToken::new()).await;
     assert_eq!(status.expect("the stage ran"), 4);
-    let _ = std::process::Command::new("pkill")
-        .args(["-f", &format!("{AGENT_NAME} serve {mount}")])
-        .status();
 }
 
 #[tokio::test]
 async fn a_job_that_takes_the_agents_orders_loses_one_stage_and_the_next_runs_as_an_exec() {
     let tmp = tempfile::tempdir().expect("tmp");
     let exec = LocalExec::new(None);
-    let path = tmp.path().join("private").join("io");
-    let dir = ChannelDir::create(&path).expect("channel dir");
-    let mount = path.to_string_lossy().into_owned();
+    let (channel, dir) = TestChannel::create(tmp.path().join("private").join("io"));
     // The job's process reads `wake` in the agent's place (holding it open as the agent
     // does, so that it never sees an end): every order goes to it.
     let _thief = Killed(
         std::process::Command::new("sh")
             .args(["-c", "exec 3<>\"$0\"; exec cat <&3 >/dev/null"])
-            .arg(path.join("wake"))
+            .arg(channel.path.join("wake"))
             .stderr(Stdio::null())
             .spawn()
             .expect("cat"),
     );
-    let transport = SharedDir::new(dir, &mount, "bash", &exec);
+    let transport = SharedDir::new(dir, &channel.mount, "bash", &exec);
     wait_listening(&transport, LISTEN_TIMEOUT)
         .await
         .expect("the thief reads");
@@ -277,10 +285,13 @@ async fn a_job_that_takes_the_agents_orders_loses_one_stage_and_the_next_runs_as
             .contains("did not start the script within 30 s"),
         "{err}"
     );
-    assert!(!path.exists(), "the channel directory is still there");
+    assert!(
+        !channel.path.exists(),
+        "the channel directory is still there"
+    );
     let status = run_in(
         &exec,
-        &path,
+        &channel.path,
         "bash",
         b"echo through an exec; exit 3\n",
         &CancellationToken::new(),
