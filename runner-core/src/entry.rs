@@ -251,8 +251,9 @@ async fn run_stage<D: Driver>(driver: &D, job: &Job, stage: Stage, grace: Durati
             }
         }
         Stage::Cleanup => match driver.cleanup(job).await {
-            // The runner does not cancel cleanup (§1.5); a stray SIGTERM must not stop it
-            // half-way, so it is not raced against the token.
+            // Cancels and job timeouts never reach cleanup (§1.5); only `cleanup_exec_timeout`
+            // sends it SIGTERM (§6.2). Cleanup deliberately finishes anyway: stopping half-way
+            // would leak what it was removing, and the runner's SIGKILL still bounds it.
             Ok(()) => Outcome::Success,
             Err(err) => failed::<D>(&err, control),
         },

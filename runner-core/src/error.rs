@@ -35,8 +35,9 @@ impl Error {
         }
     }
 
-    /// A failure the job caused, e.g. an option its variables set that the operator's policy
-    /// refuses and that retrying cannot fix.
+    /// A failure of the job's own making that the runner should report as `script_failure`.
+    /// Policy refusals are not this: they are system failures (the operator's settings decide
+    /// them, and GitLab's own executors report a refused image that way, §1.1).
     pub fn build(message: impl fmt::Display) -> Error {
         Error {
             class: ErrorClass::Build,

@@ -78,8 +78,8 @@ pub(crate) fn sink_file(stream: Stream) -> io::Result<File> {
         .try_clone()
 }
 
-/// Writes one progress line to stderr, which the runner shows in the job log (§1.3). No
-/// timestamp: the runner adds its own (§1.4). Failures to write are ignored, since the log
+/// Writes one progress line to stderr, which the runner shows in the job log for every stage
+/// but cleanup (§1.3, §1.5). No timestamp: runners from 18.7 add their own (§1.4). Failures to write are ignored, since the log
 /// is the only place to report them.
 pub fn progress(message: fmt::Arguments<'_>) {
     let _ = write_all(Stream::Stderr, format!("{message}\n").as_bytes());

@@ -65,7 +65,7 @@ struct LxdSettings {
     /// `lxc info` on the server); no other certificate is accepted.
     #[serde(default)]
     server_fingerprint: Option<String>,
-    /// The storage pool of a remote daemon's cache volumes (`drover-cache-p<project>`).
+    /// The storage pool of a remote daemon's cache volumes (`drover-<runner>-p<project>-cache`).
     #[serde(default = "default_storage_pool")]
     storage_pool: String,
     /// Job `image:` names mapped to an LXD image alias or fingerprint; names not listed are

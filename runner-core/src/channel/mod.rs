@@ -106,7 +106,8 @@ pub type Output<'a> = Pin<Box<dyn FuturesStream<Item = io::Result<Chunk>> + 'a>>
 /// A signal for a stage's process group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopSignal {
-    /// Ask the script to stop (its trap exits 1, §4.3).
+    /// Ask the script to stop (its trap exits 1 from runner 19.1; before, with the stopped
+    /// command's status, §4.3).
     Term,
     /// Stop it.
     Kill,
