@@ -14,11 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use drover_protocol::{ConfigOutput, JobResponse};
+use drover_protocol::{ConfigOutput, JobResponse, SubStage};
 
 use crate::emulated::{
-    CancelHandle, Driver, Hooks, JobReport, JobResult, PrepareTermination, RunnerOptions,
-    config_then_cleanup, run_job,
+    CallRecord, CancelHandle, Driver, ExecStage, Hooks, JobReport, JobResult, PrepareTermination,
+    RunnerOptions, call_name, config_then_cleanup, run_job,
 };
 use crate::job::Job;
 use crate::payload::{PayloadOptions, job_payload, random_hex};
@@ -32,14 +32,14 @@ pub const MARKER_VARIABLE: &str = "DROVER_CONFORMANCE_MARKER";
 pub const PREPARE_TOO_FAST: &str = "prepare finished before SIGTERM reached it; give the driver a prepare that lasts at least 0.5 s (e.g. a prepare hook)";
 
 /// The driver calls of a job that is only `script:` (§9.4).
-pub const SIMPLE_JOB_CALLS: [&str; 7] = [
-    "config",
-    "prepare",
-    "run prepare_script",
-    "run get_sources",
-    "run build_script",
-    "run cleanup_file_variables",
-    "cleanup",
+pub const SIMPLE_JOB_CALLS: [(ExecStage, Option<SubStage>); 7] = [
+    (ExecStage::Config, None),
+    (ExecStage::Prepare, None),
+    (ExecStage::Run, Some(SubStage::PrepareScript)),
+    (ExecStage::Run, Some(SubStage::GetSources)),
+    (ExecStage::Run, Some(SubStage::BuildScript)),
+    (ExecStage::Run, Some(SubStage::CleanupFileVariables)),
+    (ExecStage::Cleanup, None),
 ];
 
 /// The cases, in the order they run; the last ones are the hostile group (see [`HOSTILE`]).
@@ -313,8 +313,12 @@ impl<'a> Suite<'a> {
         check(log_has(&report, b"hello 42"), || {
             "the log lacks the script's output `hello 42`".into()
         })?;
-        check(report.call_names() == SIMPLE_JOB_CALLS, || {
-            format!("calls {:?}, want {SIMPLE_JOB_CALLS:?}", report.call_names())
+        check(report.call_kinds() == SIMPLE_JOB_CALLS, || {
+            format!(
+                "calls {:?}, want {:?}",
+                report.call_names(),
+                names_of(&SIMPLE_JOB_CALLS)
+            )
         })?;
         nothing_left(&marker).await
     }
@@ -375,10 +379,9 @@ impl<'a> Suite<'a> {
         check(log_has(&report, b"after 42"), || {
             "after_script did not run after the cancel".into()
         })?;
-        check(
-            report.call_names().last().map(String::as_str) == Some("cleanup"),
-            || "cleanup_exec was not called last".into(),
-        )?;
+        check(cleanup_was_last(&report), || {
+            "cleanup_exec was not called last".into()
+        })?;
         nothing_left(&job.marker).await
     }
 
@@ -401,10 +404,9 @@ impl<'a> Suite<'a> {
         check(!log_has(&report, b"after 42"), || {
             "after_script ran after a job timeout".into()
         })?;
-        check(
-            report.call_names().last().map(String::as_str) == Some("cleanup"),
-            || "cleanup_exec was not called after the timeout".into(),
-        )?;
+        check(cleanup_was_last(&report), || {
+            "cleanup_exec was not called after the timeout".into()
+        })?;
         nothing_left(&marker).await
     }
 
@@ -423,7 +425,7 @@ impl<'a> Suite<'a> {
         let first = report
             .calls
             .iter()
-            .find(|c| c.stage == "prepare")
+            .find(|c| c.stage == ExecStage::Prepare)
             .ok_or("prepare was never called")?;
         match &first.exit {
             CallExit::Code(0) => return Err(PREPARE_TOO_FAST.into()),
@@ -436,19 +438,21 @@ impl<'a> Suite<'a> {
             }
         }
         expect_result(&report, &JobResult::Success)?;
-        let names = report.call_names();
         let want = [
-            "config",
-            "prepare",
-            "cleanup",
-            "config",
-            "prepare",
-            "run prepare_script",
+            (ExecStage::Config, None),
+            (ExecStage::Prepare, None),
+            (ExecStage::Cleanup, None),
+            (ExecStage::Config, None),
+            (ExecStage::Prepare, None),
+            (ExecStage::Run, Some(SubStage::PrepareScript)),
         ];
-        check(
-            names.len() >= want.len() && names[..want.len()] == want,
-            || format!("calls {names:?}, want them to start with {want:?}"),
-        )?;
+        check(report.call_kinds().starts_with(&want), || {
+            format!(
+                "calls {:?}, want them to start with {:?}",
+                report.call_names(),
+                names_of(&want)
+            )
+        })?;
         check(log_has(&report, b"Will be retried in 3s ..."), || {
             "no retry line in the log".into()
         })?;
@@ -459,10 +463,11 @@ impl<'a> Suite<'a> {
         let job = self.prepare(self.job(&["echo ok"], &[]), &PayloadOptions::fresh());
         let alone =
             config_then_cleanup(&self.options.driver, &job.payload, &self.options.runner).await;
-        let names: Vec<String> = alone.calls.iter().map(|c| c.name()).collect();
-        check(names == ["config", "cleanup"], || {
-            format!("calls {names:?}")
-        })?;
+        let kinds: Vec<_> = alone.calls.iter().map(CallRecord::kind).collect();
+        check(
+            kinds == [(ExecStage::Config, None), (ExecStage::Cleanup, None)],
+            || format!("calls {:?}", names_of(&kinds)),
+        )?;
         for call in &alone.calls {
             check(call.exit == CallExit::Code(0), || {
                 format!(
@@ -484,7 +489,7 @@ impl<'a> Suite<'a> {
         let cleanups: Vec<&CallExit> = report
             .calls
             .iter()
-            .filter(|c| c.stage == "cleanup")
+            .filter(|c| c.stage == ExecStage::Cleanup)
             .map(|c| &c.exit)
             .collect();
         check(cleanups == [&CallExit::Code(0), &CallExit::Code(0)], || {
@@ -618,10 +623,9 @@ impl<'a> Suite<'a> {
         let (a_report, b_report) = tokio::join!(run_a, run_b);
         let a_report = a_report?;
         let b_report = b_report?;
-        check(
-            b_report.call_names().last().map(String::as_str) == Some("cleanup"),
-            || "job B's cleanup did not run".into(),
-        )?;
+        check(cleanup_was_last(&b_report), || {
+            "job B's cleanup did not run".into()
+        })?;
         expect_result(&a_report, &JobResult::Success).map_err(|e| {
             format!("job A was disturbed by job B, which set A's CI_JOB_ID/CI_PROJECT_ID/CI_CONCURRENT_ID: {e}")
         })
@@ -830,10 +834,9 @@ impl Suite<'_> {
             .map_err(|_| format!("the job did not end within {} s", HOSTILE_BOUND.as_secs()))??;
         canary.unchanged()?;
         errors_are_short(&report)?;
-        check(
-            report.call_names().last().map(String::as_str) == Some("cleanup"),
-            || "cleanup_exec was not called last".into(),
-        )?;
+        check(cleanup_was_last(&report), || {
+            "cleanup_exec was not called last".into()
+        })?;
         match attack {
             Hostile::SymlinkSwap => {
                 check(log_has(&report, b"swapped 42"), || {
@@ -856,6 +859,20 @@ impl Suite<'_> {
         nothing_left(&job.marker).await?;
         Ok(Verdict::Passed)
     }
+}
+
+/// Whether cleanup_exec was the job's last call: the runner defers it after every stage, and it
+/// is bound by neither the job timeout nor a cancel (§1.5).
+fn cleanup_was_last(report: &JobReport) -> bool {
+    report.calls.last().map(|c| c.stage) == Some(ExecStage::Cleanup)
+}
+
+/// Calls by name for messages: `run build_script` reads better than `(Run, Some(BuildScript))`.
+fn names_of(calls: &[(ExecStage, Option<SubStage>)]) -> Vec<String> {
+    calls
+        .iter()
+        .map(|(stage, sub)| call_name(*stage, sub.as_ref()))
+        .collect()
 }
 
 /// A log hook that runs `action` once, as soon as `needle` has appeared in the log.

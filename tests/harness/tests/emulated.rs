@@ -8,7 +8,8 @@ use drover_harness::conformance::{SIMPLE_JOB_CALLS, SuiteOptions, run_suite};
 use drover_harness::job::Job;
 use drover_harness::payload::{PayloadOptions, job_payload};
 use drover_harness::{
-    CallExit, CancelHandle, Driver, Hooks, JobReport, JobResult, RunnerOptions, run_job,
+    CallExit, CancelHandle, Driver, ExecStage, Hooks, JobReport, JobResult, KillCause,
+    RunnerOptions, run_job,
 };
 
 /// A driver that does everything right: config JSON only on stdout, prepare exits 2 on SIGTERM,
@@ -124,7 +125,12 @@ async fn a_good_driver_runs_a_job_like_the_runner() {
         .await;
     let log = report.log_text();
     assert_eq!(report.result, JobResult::Success, "{log}");
-    assert_eq!(report.call_names(), SIMPLE_JOB_CALLS);
+    assert_eq!(
+        report.call_kinds(),
+        SIMPLE_JOB_CALLS,
+        "{:?}",
+        report.call_names()
+    );
     for text in [
         "Using Custom executor with driver bash-test 1.0...",
         "preparing\n",
@@ -187,12 +193,9 @@ async fn a_log_line_before_the_config_json_fails_after_three_attempts() {
         "{:?}",
         report.result
     );
-    assert_eq!(
-        report.call_names(),
-        [
-            "config", "cleanup", "config", "cleanup", "config", "cleanup"
-        ]
-    );
+    let (config, cleanup) = (ExecStage::Config, ExecStage::Cleanup);
+    let stages: Vec<ExecStage> = report.calls.iter().map(|c| c.stage).collect();
+    assert_eq!(stages, [config, cleanup, config, cleanup, config, cleanup]);
     assert_eq!(report.log_text().matches("Preparation failed").count(), 3);
 }
 
@@ -209,11 +212,11 @@ async fn a_background_child_holding_stdout_keeps_prepare_running_until_the_kill(
     let started = Instant::now();
     let report = fx.run(&driver, job(&["true"]), &options).await;
     let prepare = &report.calls[1];
-    assert_eq!(prepare.stage, "prepare");
+    assert_eq!(prepare.stage, ExecStage::Prepare);
     // The driver exited at once, yet the call lasted until the exec timeout killed the
     // pipe holder (§6.1); the exit status 0 then counts as success, as in the runner.
     assert!(prepare.duration >= Duration::from_secs(1), "{prepare:?}");
-    assert_eq!(prepare.killed_by.as_deref(), Some("stage timeout"));
+    assert_eq!(prepare.killed_by, Some(KillCause::StageTimeout));
     assert_eq!(prepare.exit, CallExit::Code(0));
     assert_eq!(report.result, JobResult::Success);
     assert!(started.elapsed() < Duration::from_secs(15));
@@ -240,8 +243,8 @@ async fn a_job_timeout_kills_the_script_and_still_cleans_up() {
         "{log}"
     );
     assert_eq!(
-        report.call_names().last().map(String::as_str),
-        Some("cleanup")
+        report.calls.last().map(|c| c.stage),
+        Some(ExecStage::Cleanup)
     );
 }
 
