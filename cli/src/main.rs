@@ -1,8 +1,13 @@
-//! `drover`: run jobs or the conformance suite against a custom-executor driver, with the
-//! emulated GitLab Runner of `drover-harness`.
+//! `drover`: run jobs or the conformance suite against a custom-executor driver, through the
+//! user's own GitLab Runner or the emulation of it in `drover-harness`.
+//!
+//! Exit codes: 0 when every job (or conformance case) succeeded, 1 when one failed, 2 when drover
+//! itself could not run (bad arguments, unreadable job file, driver not found, no runner binary
+//! for `--runner real`, a runner that crashed).
 
 use std::ffi::OsString;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -22,7 +27,10 @@ use drover_harness::{CancelHandle, Driver, Hooks, JobResult, RunnerOptions};
 #[command(
     name = "drover",
     version,
-    about = "Play GitLab Runner against a custom-executor driver"
+    about = "Play GitLab Runner against a custom-executor driver",
+    after_help = "Exit status: 0 every job (or conformance case) succeeded; 1 a job failed, was \
+                  canceled or skipped; 2 drover could not run (bad arguments or job file, driver \
+                  not found, no GitLab Runner for --runner real, the runner itself broke)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -42,11 +50,21 @@ struct DriverArgs {
 }
 
 impl DriverArgs {
-    fn driver(&self) -> Driver {
-        Driver {
-            program: resolve_driver(&self.driver),
+    /// The driver, or an error when there is no such executable: a missing driver is drover's
+    /// problem (exit 2), not a failed job.
+    fn driver(&self) -> anyhow::Result<Driver> {
+        let program = resolve_driver(&self.driver);
+        let runnable = std::fs::metadata(&program)
+            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0);
+        anyhow::ensure!(
+            runnable,
+            "driver {} not found: pass a path to an executable, or the name of one beside drover or on PATH",
+            self.driver.display()
+        );
+        Ok(Driver {
+            program,
             args: self.driver_args.clone(),
-        }
+        })
     }
 }
 
@@ -114,7 +132,7 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         gitlab_runner: Option<PathBuf>,
     },
-    /// Run the conformance suite; exits 0 only if every case passes.
+    /// Run the conformance suite; exits 0 only if every case passes, 1 if one fails.
     Conformance {
         #[command(flatten)]
         driver: DriverArgs,
@@ -127,6 +145,17 @@ enum Command {
     },
 }
 
+/// How a run ended, as `drover`'s exit status.
+enum Outcome {
+    /// Every job or case succeeded: 0.
+    Succeeded,
+    /// A job failed, was canceled or was skipped, or a conformance case failed: 1.
+    Failed,
+}
+
+/// drover itself could not run: 2, the status clap also gives to bad arguments.
+const CANNOT_RUN: u8 = 2;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -136,21 +165,20 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("drover: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(CANNOT_RUN);
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+        Ok(Outcome::Succeeded) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => ExitCode::FAILURE,
         Err(err) => {
             eprintln!("drover: {err:#}");
-            ExitCode::FAILURE
+            ExitCode::from(CANNOT_RUN)
         }
     }
 }
 
-/// Whether everything succeeded.
-async fn run(cli: Cli) -> anyhow::Result<bool> {
+async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::RunJob {
             file,
@@ -162,6 +190,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             gitlab_runner,
             repo,
         } => {
+            let driver = driver.driver()?;
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let jobs = JobFile::parse(&text).with_context(|| format!("in {}", file.display()))?;
@@ -241,7 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let outcomes = run_pipeline(
                 &jobs,
                 &selected,
-                &driver.driver(),
+                &driver,
                 &mode,
                 &coordinator,
                 source.as_ref(),
@@ -250,6 +279,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             )
             .await;
             let mut all_ok = true;
+            let mut broken = None;
             for job in &outcomes {
                 let line = match &job.outcome {
                     PipelineOutcome::Finished(report) => {
@@ -265,13 +295,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                         format!("skipped: {why}")
                     }
                     PipelineOutcome::Broken(err) => {
-                        all_ok = false;
+                        broken.get_or_insert_with(|| format!("job {}: {err}", job.name));
                         format!("could not run: {err}")
                     }
                 };
                 println!("Job {} {line}", job.name);
             }
-            Ok(all_ok)
+            if let Some(broken) = broken {
+                anyhow::bail!("the runner could not run {broken}");
+            }
+            Ok(if all_ok {
+                Outcome::Succeeded
+            } else {
+                Outcome::Failed
+            })
         }
         Command::Conformance {
             driver,
@@ -281,7 +318,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let options = SuiteOptions {
                 image,
                 cases,
-                ..SuiteOptions::new(driver.driver())
+                ..SuiteOptions::new(driver.driver()?)
             };
             let results = run_suite(&options, |result| println!("{result}")).await;
             let count = |verdict: fn(&Result<Verdict, String>) -> bool| {
@@ -291,7 +328,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let not_applicable = count(|o| matches!(o, Ok(Verdict::NotApplicable(_))));
             let failed = count(Result::is_err);
             println!("{passed} passed, {failed} failed, {not_applicable} not applicable");
-            Ok(failed == 0)
+            Ok(if failed == 0 {
+                Outcome::Succeeded
+            } else {
+                Outcome::Failed
+            })
         }
     }
 }

@@ -2,7 +2,7 @@
 //! documented LXD example driver does (`lxc launch` and a bounded wait for `lxc exec -- true`,
 //! `lxc exec <instance> -- /bin/bash < script`, `lxc delete -f`), in the same run on the same
 //! image: job start, per-run-stage overhead, output throughput and peak RSS (see
-//! `drover_harness::bench`).
+//! `drover_test_support::bench`).
 //!
 //! Needs the LXD daemon on /var/lib/lxd/unix.socket and the image alias `drover-test/debian`
 //! (tests/setup/lxd.sh). Launches take seconds each, so the rounds are few. Every instance made
@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 
-use drover_harness::bench::{Backend, ReadyStart, Rounds, Side};
+use drover_test_support::bench::{Backend, ReadyStart, Rounds, Side};
 
 /// The job `image:` drover-lxd maps to [`ALIAS`].
 const IMAGE: &str = "debian:bookworm";
@@ -22,7 +22,7 @@ const SOCKET: &str = "/var/lib/lxd/unix.socket";
 const RUNNER: &str = "bench";
 
 fn main() -> ExitCode {
-    drover_harness::bench::main(|| {
+    drover_test_support::bench::main(|| {
         assert!(
             Path::new(SOCKET).exists(),
             "no LXD socket at {SOCKET}: run tests/setup/lxd.sh"

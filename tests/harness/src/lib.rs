@@ -11,9 +11,8 @@
 //! * [`coordinator`] is a fake GitLab coordinator for running the real `gitlab-runner
 //!   run-single` against a driver (§9.3).
 //!
-//! Section numbers (§) refer to the project's `contract.md`.
+//! Section numbers (§) refer to `docs/contract.md`. The `drover` CLI (`cli/`) is its front door.
 
-pub mod bench;
 pub mod conformance;
 pub mod coordinator;
 pub mod emulated;
@@ -24,11 +23,10 @@ mod process;
 pub mod real;
 pub mod repository;
 pub mod script;
-pub mod setup;
 
 pub use coordinator::{Coordinator, FinalUpdate, RequestRecord};
 pub use emulated::{
-    CallRecord, CallStart, CancelHandle, ConfigCleanupReport, Driver, Hooks, JobReport, JobResult,
-    PrepareTermination, RunnerOptions, config_then_cleanup, run_job,
+    CallRecord, CallStart, CancelHandle, ConfigCleanupReport, Driver, ExecStage, Hooks, JobReport,
+    JobResult, KillCause, PrepareTermination, RunnerOptions, config_then_cleanup, run_job,
 };
 pub use process::CallExit;

@@ -36,18 +36,6 @@ pub fn find_gitlab_runner(explicit: Option<&Path>) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// For a real-runner test: the binary [`find_gitlab_runner`] finds, or `None` after one line
-/// saying that `test` is skipped and how to run it (CI has no runner binary).
-pub fn gitlab_runner_for_test(test: &str) -> Option<PathBuf> {
-    let found = find_gitlab_runner(None);
-    if found.is_none() {
-        eprintln!(
-            "skipped {test}: no GitLab Runner binary (set {GITLAB_RUNNER_BIN} to run the real-runner tests)"
-        );
-    }
-    found
-}
-
 /// The `[[runners]]` settings of a real run.
 #[derive(Debug, Clone)]
 pub struct RealRunner {

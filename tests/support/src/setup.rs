@@ -5,13 +5,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 /// Lists what a runner (by `runner_name`) has on the backend: containers, instances, volumes.
-pub type Leftovers = fn(runner: &str) -> Vec<String>;
+pub type Leftovers = Box<dyn Fn(&str) -> Vec<String> + Send + Sync>;
 
 /// A driver binary, a temporary directory and the settings file in it.
 pub struct DriverSetup {
@@ -55,16 +57,32 @@ impl DriverSetup {
         (self.leftovers)(&self.runner)
     }
 
+    /// Sets the setting `key` (dotted for a table's key, e.g. `driver.idle_count`) to `value`
+    /// in the settings file, as an operator editing it would.
+    pub fn set(&self, key: &str, value: impl Into<toml::Value>) {
+        let text = std::fs::read_to_string(self.settings()).expect("settings");
+        let mut settings: toml::Table = text.parse().expect("the settings are TOML");
+        let (tables, last) = match key.rsplit_once('.') {
+            Some((tables, last)) => (tables.split('.').collect::<Vec<_>>(), last),
+            None => (Vec::new(), key),
+        };
+        let mut table = &mut settings;
+        for name in tables {
+            table = table
+                .entry(name)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .unwrap_or_else(|| panic!("{name} is not a table in the settings"));
+        }
+        table.insert(last.to_owned(), value.into());
+        std::fs::write(self.settings(), settings.to_string()).expect("settings");
+    }
+
     /// Prepares job 99001 of project 5 as the runner would and never cleans it up, as after a
     /// runner crash. Its timeout is 1 s and this sets the settings' `gc_grace_secs` to 0, so
-    /// the job has expired when this returns (it waits 1.5 s).
+    /// the job expires a second later: this returns once `gc --dry-run` sees it (at most 10 s).
     pub fn abandon_an_expired_job(&self) {
-        let settings = std::fs::read_to_string(self.settings()).expect("settings");
-        std::fs::write(
-            self.settings(),
-            settings.replace("runner_name", "gc_grace_secs = 0\nrunner_name"),
-        )
-        .expect("settings");
+        self.set("gc_grace_secs", 0);
         let prepare = self.stage(
             r#"{"id": 99001, "token": "t", "job_info": {"project_id": 5}, "runner_info": {"timeout": 1}, "variables": []}"#,
             &["prepare"],
@@ -75,7 +93,25 @@ impl DriverSetup {
             !self.leftovers().is_empty(),
             "prepare made nothing: {stderr}"
         );
-        std::thread::sleep(Duration::from_millis(1500));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let dry = self.driver(&["gc", "--dry-run"]);
+            // Drivers name what they would remove differently (`job 99001`, an instance
+            // `…-j99001`): any line about this job will do.
+            let text = String::from_utf8_lossy(&dry.stdout);
+            if text
+                .lines()
+                .any(|line| line.starts_with("would remove") && line.contains("99001"))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job 99001 did not expire within 10 s: {}",
+                String::from_utf8_lossy(&dry.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Runs `gc --dry-run`, which must name `expired` and remove nothing, then `gc`, which must
@@ -181,11 +217,12 @@ impl DriverSetup {
         self.driver_command(args).output().expect("driver runs")
     }
 
-    /// Asserts that `gc` and `doctor`, stuck on a backend that never answers, stop within 3 s
-    /// of SIGTERM with a system failure that says they were interrupted.
-    pub fn expect_maintenance_stops_on_sigterm(&self) {
+    /// Asserts that `gc` and `doctor`, stuck on `backend` (this setup's socket, which never
+    /// answers), stop within 3 s of SIGTERM with a system failure that says they were
+    /// interrupted.
+    pub fn expect_maintenance_stops_on_sigterm(&self, backend: &HungSocket) {
         for command in ["gc", "doctor"] {
-            let (output, took) = self.interrupted(&[command], Duration::from_millis(500));
+            let (output, took) = self.interrupted(&[command], backend);
             let stderr = String::from_utf8_lossy(&output.stderr);
             assert_eq!(output.status.code(), Some(2), "{command}: {stderr}");
             assert!(
@@ -196,17 +233,30 @@ impl DriverSetup {
         }
     }
 
-    /// Runs `DRIVER --config SETTINGS ARGS`, sends it SIGTERM after `after`, and returns how it
-    /// ended and how long it took after the signal. A driver still running 10 s after the
-    /// signal is SIGKILLed and the test fails.
-    fn interrupted(&self, args: &[&str], after: Duration) -> (Output, Duration) {
-        let child = self
+    /// Runs `DRIVER --config SETTINGS ARGS`, sends it SIGTERM once it has connected to
+    /// `backend` (at most 10 s), and returns how it ended and how long it took after the signal.
+    /// A driver still running 10 s after the signal is SIGKILLed and the test fails.
+    fn interrupted(&self, args: &[&str], backend: &HungSocket) -> (Output, Duration) {
+        let connected = backend.connections();
+        let mut child = self
             .driver_command(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("driver runs");
-        std::thread::sleep(after);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while backend.connections() == connected {
+            if Instant::now() >= deadline || child.try_wait().is_ok_and(|done| done.is_some()) {
+                let _ = child.kill();
+                let output = child.wait_with_output().expect("driver output");
+                panic!(
+                    "`{}` never called the backend: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
         kill(pid, Signal::SIGTERM).expect("SIGTERM");
         let signalled = Instant::now();
@@ -255,22 +305,38 @@ pub fn drover_cli(driver: &Path) -> PathBuf {
     let path = driver.with_file_name("drover");
     assert!(
         path.exists(),
-        "{} is missing: run `cargo test --workspace`",
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p drover` first)",
         path.display()
     );
     path
 }
 
-/// A unix socket at `path` that accepts every connection and never answers: a backend that
-/// hangs. It lives as long as the process.
-pub fn hung_socket(path: &Path) {
-    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind a test socket");
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for stream in listener.incoming().flatten() {
-            held.push(stream);
-        }
-    });
+/// A unix socket that accepts every connection and never answers: a backend that hangs. It
+/// lives as long as the process.
+pub struct HungSocket {
+    accepted: Arc<AtomicUsize>,
+}
+
+impl HungSocket {
+    /// Listens at `path`.
+    pub fn bind(path: &Path) -> HungSocket {
+        let listener = std::os::unix::net::UnixListener::bind(path).expect("bind a test socket");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().flatten() {
+                held.push(stream);
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        HungSocket { accepted }
+    }
+
+    /// How many connections it has accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
 }
 
 /// Runs one stage-by-stage job of project `project` on `setup` (prepare, `script` as

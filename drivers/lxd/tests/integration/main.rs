@@ -1,12 +1,13 @@
 //! drover-lxd against the real LXD daemon, called as GitLab Runner calls it (through the
-//! `drover` CLI's emulated runner). Every test skips with one line when no daemon answers;
-//! `tests/install-and-test.sh` sets LXD up and imports the test image.
+//! `drover` CLI's emulated runner). Every test skips with one line when no daemon answers, or
+//! fails where `DROVER_REQUIRE` names `lxd` (CI); `tests/setup/lxd.sh` sets LXD up and imports
+//! the test image.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use drover_harness::real::gitlab_runner_for_test;
-use drover_harness::setup::DriverSetup;
+use drover_test_support::require;
+use drover_test_support::setup::DriverSetup;
 
 mod remote;
 
@@ -14,19 +15,22 @@ const DRIVER: &str = env!("CARGO_BIN_EXE_drover-lxd");
 const SOCKET: &str = "/var/lib/lxd/unix.socket";
 const IMAGE: &str = "drover-test/debian";
 
-/// `true` when LXD answers and the test image is imported; else one line saying why not.
+/// `true` when LXD answers and the test image is imported; else a skip (one line saying why),
+/// or a failure where `DROVER_REQUIRE` names `lxd`.
 fn lxd(test: &str) -> bool {
     let answers = Command::new("curl")
         .args(["-sf", "--max-time", "5", "--unix-socket", SOCKET])
         .arg(format!("http://lxd/1.0/images/aliases/{IMAGE}"))
         .output()
         .is_ok_and(|o| o.status.success());
-    if !answers {
-        eprintln!(
-            "skipped {test}: no LXD at {SOCKET} with image {IMAGE} (run tests/setup/lxd.sh as root)"
-        );
-    }
-    answers
+    let found = if answers {
+        Ok(())
+    } else {
+        Err(format!(
+            "no LXD at {SOCKET} with image {IMAGE} (run tests/setup/lxd.sh as root)"
+        ))
+    };
+    require::backend("lxd", test, found).is_some()
 }
 
 /// A settings file for the daemon on `socket` and a runner name of its own, so leftovers are
@@ -48,7 +52,7 @@ fn setup_in(
     driver: &str,
     policy: &str,
 ) -> DriverSetup {
-    DriverSetup::new(DRIVER, test, leftovers, |runner, own_state| {
+    DriverSetup::new(DRIVER, test, Box::new(leftovers), |runner, own_state| {
         let state = state_of.map_or_else(|| own_state.to_owned(), DriverSetup::state_dir);
         format!(
             "runner_name = \"{runner}\"\n\
@@ -172,7 +176,7 @@ async fn artifacts_upload_from_an_image_that_had_no_gitlab_runner() {
     }
     // The runner's real helper commands run in the instance (the stand-in needs curl, which
     // the image lacks); CI tests copying a binary in with the stand-in (the cache test).
-    let Some(runner) = gitlab_runner_for_test(test) else {
+    let Some(runner) = require::gitlab_runner(test) else {
         return;
     };
     let work = tempfile::tempdir().expect("work dir");
@@ -270,7 +274,7 @@ fn the_real_runner_runs_jobs_with_their_exit_codes_and_leaves_nothing() {
     if !lxd(test) {
         return;
     }
-    let Some(runner) = gitlab_runner_for_test(test) else {
+    let Some(runner) = require::gitlab_runner(test) else {
         return;
     };
     let runner = runner.to_string_lossy();
@@ -347,12 +351,7 @@ fn a_ready_instance_starts_the_next_job_and_gc_removes_spares_when_switched_off(
     assert!(log.contains("\nhello 42"), "{log}");
 
     // What is left is the spare made for the next job; with the pool off, gc removes it.
-    let settings = std::fs::read_to_string(setup.settings()).expect("settings");
-    std::fs::write(
-        setup.settings(),
-        settings.replace("idle_count = 1", "idle_count = 0"),
-    )
-    .expect("settings");
+    setup.set("driver.idle_count", 0);
     let gc = setup.driver(&["gc"]);
     assert!(
         gc.status.success(),
@@ -367,9 +366,9 @@ fn gc_and_doctor_stop_on_sigterm_against_a_daemon_that_never_answers() {
     // No daemon needed: the daemon here is a socket that accepts and never answers.
     let dir = tempfile::tempdir().expect("tmp");
     let socket = dir.path().join("hung.sock");
-    drover_harness::setup::hung_socket(&socket);
+    let backend = drover_test_support::setup::HungSocket::bind(&socket);
     let setup = new_setup("hung", socket.to_str().expect("utf-8"), "");
-    setup.expect_maintenance_stops_on_sigterm();
+    setup.expect_maintenance_stops_on_sigterm(&backend);
 }
 
 #[test]
@@ -381,7 +380,7 @@ fn caches_are_per_runner_and_per_project_and_private_on_the_host() {
     let connection = format!("socket = {SOCKET:?}");
     let setup = setup_in("cacheiso", None, &connection, "", "");
     let other = setup_in("cacheisob", Some(&setup), &connection, "", "");
-    drover_harness::setup::expect_caches_per_runner_and_project(&setup, &other);
+    drover_test_support::setup::expect_caches_per_runner_and_project(&setup, &other);
 }
 
 #[test]

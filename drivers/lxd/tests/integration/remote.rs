@@ -25,12 +25,14 @@ impl TrustedClient {
             .args(["config", "get", "core.https_address"])
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == HTTPS_ADDRESS);
-        if !listening {
-            eprintln!(
-                "skipped {test}: LXD does not listen on {HTTPS_ADDRESS} (run tests/setup/lxd.sh as root)"
-            );
-            return None;
-        }
+        let found = if listening {
+            Ok(())
+        } else {
+            Err(format!(
+                "LXD does not listen on {HTTPS_ADDRESS} (run tests/setup/lxd.sh as root)"
+            ))
+        };
+        drover_test_support::require::backend("lxd", test, found)?;
         let client = TrustedClient::untrusted();
         run(Command::new("lxc")
             .args(["config", "trust", "add"])

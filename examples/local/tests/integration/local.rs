@@ -166,6 +166,51 @@ fn the_cli_finds_the_driver_by_name_beside_itself_and_by_relative_path() {
     }
 }
 
+#[test]
+fn drover_exits_1_for_a_failed_job_and_2_when_it_cannot_run() {
+    let settings = Settings::new("");
+    let ok = run_job(&settings, "ok:\n  script:\n    - echo fine\n");
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    let failed = run_job(&settings, "bad:\n  script:\n    - exit 3\n");
+    let log = String::from_utf8_lossy(&failed.stdout);
+    assert_eq!(failed.status.code(), Some(1), "{log}");
+    assert!(log.contains("Job bad result: script_failure"), "{log}");
+
+    let broken_yaml = run_job(&settings, "bad: [unclosed\n");
+    let stderr = String::from_utf8_lossy(&broken_yaml.stderr);
+    assert_eq!(broken_yaml.status.code(), Some(2), "{stderr}");
+    assert!(stderr.starts_with("drover: "), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    let job = settings.dir.path().join("job.yml");
+    std::fs::write(&job, "ok:\n  script:\n    - echo fine\n").expect("job file");
+    let no_driver = Command::new(drover())
+        .args([
+            "run-job",
+            job.to_str().expect("utf-8"),
+            "--driver",
+            "drover-no-such-driver",
+        ])
+        .output()
+        .expect("drover runs");
+    let stderr = String::from_utf8_lossy(&no_driver.stderr);
+    assert_eq!(no_driver.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("driver drover-no-such-driver not found"),
+        "{stderr}"
+    );
+    let help = Command::new(drover())
+        .arg("--help")
+        .output()
+        .expect("drover runs");
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Exit status: 0"));
+}
+
 /// Whether this host lets the driver track a job's processes in a cgroup v2 of its own: it
 /// runs as root (so the driver's cgroup is writable) and a cgroup2 hierarchy is mounted.
 fn cgroup_v2_writable() -> bool {

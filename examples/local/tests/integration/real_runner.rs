@@ -9,9 +9,10 @@ use drover_harness::conformance::{MARKER_VARIABLE, processes_with_marker};
 use drover_harness::coordinator::Coordinator;
 use drover_harness::job::JobFile;
 use drover_harness::pipeline::{PipelineJob, PipelineOutcome, RunnerMode, run_pipeline};
-use drover_harness::real::{RealRunner, gitlab_runner_for_test, helper_dir};
+use drover_harness::real::{RealRunner, helper_dir};
 use drover_harness::repository::commit_files;
 use drover_harness::{CancelHandle, Driver, Hooks, JobResult, RunnerOptions};
+use drover_test_support::require;
 
 use crate::util::{DRIVER, Settings};
 
@@ -26,7 +27,7 @@ struct Real {
 }
 
 async fn real_runner(test: &str) -> Option<Real> {
-    let binary = gitlab_runner_for_test(test)?;
+    let binary = require::gitlab_runner(test)?;
     let work = tempfile::tempdir().expect("work dir");
     let coordinator = Coordinator::start(work.path().join("artifacts"))
         .await

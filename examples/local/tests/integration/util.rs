@@ -8,13 +8,7 @@ pub const DRIVER: &str = env!("CARGO_BIN_EXE_drover-local");
 
 /// The `drover` CLI, built beside this driver by `cargo test --workspace`.
 pub fn drover() -> PathBuf {
-    let path = Path::new(DRIVER).with_file_name("drover");
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p drover-harness` first)",
-        path.display()
-    );
-    path
+    drover_test_support::setup::drover_cli(Path::new(DRIVER))
 }
 
 pub struct Settings {
