@@ -18,32 +18,20 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     fi
 fi
 
-# Podman driver tests need podman, its Docker-compatible API socket and locally built images
-# (no registry is reachable): tests/setup/podman.sh sets them up and is quick on a rerun. On a
-# developer's machine its failure only makes the podman tests skip; in CI it fails the run, so
-# a broken setup can never pass as skipped tests.
-podman_sock=/run/podman/podman.sock
+# Backend tests need their backends: podman with its Docker-compatible API socket, Docker Engine
+# (the podman driver's tests run against both), the LXD daemon, and locally built test images (no
+# registry is reachable). Each tests/setup/*.sh sets one up and is quick on a rerun. Where it
+# fails, that backend's tests skip with one line on a developer's machine; in CI the run fails
+# here, and .ci/run's DROVER_REQUIRE also makes any skipped backend test a failure.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    if ! bash tests/setup/podman.sh </dev/null; then
-        [ "${CI:-}" = true ] && { echo "tests/setup/podman.sh failed" >&2; exit 1; }
-        echo "note: tests/setup/podman.sh failed (see above): podman tests will skip"
-    fi
-fi
-# The LXD driver's tests need the LXD daemon and an imported test image: tests/setup/lxd.sh,
-# the same way (quick on a rerun; fatal in CI, a skip elsewhere).
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    if ! bash tests/setup/lxd.sh </dev/null; then
-        [ "${CI:-}" = true ] && { echo "tests/setup/lxd.sh failed" >&2; exit 1; }
-        echo "note: tests/setup/lxd.sh failed (see above): LXD tests will skip"
-    fi
-fi
-
-if [ -n "${DROVER_PODMAN_SOCKET:-}" ]; then
-    :   # the caller chose a socket; keep it
-elif curl -sf --max-time 2 --unix-socket "$podman_sock" http://d/_ping >/dev/null 2>&1; then
-    export DROVER_PODMAN_SOCKET=$podman_sock
+    for backend in podman docker lxd; do
+        if ! bash "tests/setup/$backend.sh" </dev/null; then
+            [ "${CI:-}" = true ] && { echo "tests/setup/$backend.sh failed" >&2; exit 1; }
+            echo "note: tests/setup/$backend.sh failed (see above): $backend tests will skip"
+        fi
+    done
 else
-    echo "note: no podman API on $podman_sock (needs root and apt-get to set up): podman tests will skip"
+    echo "note: not root on Debian: backends are not set up; tests of missing backends skip"
 fi
 
 # Real-runner tests need a GitLab Runner binary; without one they skip with one line.

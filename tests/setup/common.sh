@@ -1,7 +1,7 @@
 # Helpers shared by tests/setup/podman.sh and tests/setup/lxd.sh (sourced, not run). The caller
 # sets SETUP_NAME (e.g. "lxd setup"), which starts every line these helpers print, and `work`, a
 # scratch directory, before it builds anything. Traps cited ("backends.md") are described in
-# /work/shared/backends.md.
+# docs/backends.md.
 
 IMAGE_PATH_ENV=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export DEBIAN_FRONTEND=noninteractive
@@ -20,6 +20,24 @@ die() { echo "$SETUP_NAME: ERROR: $*" >&2; exit 1; }
 require_root_debian() {
     [ "$(id -u)" = 0 ] || die "must run as root ($1)"
     command -v apt-get >/dev/null || die "needs apt-get (Debian)"
+}
+
+# start_detached LOG CMD...: starts a daemon fully detached and sets `detached_pid`: setsid (own
+# session, no controlling terminal), nohup, stdin from /dev/null and stdout/stderr appended to
+# LOG, so it survives the script and never holds the caller's pipes open (a CI step reading our
+# output would otherwise never see EOF). Every other inherited fd is closed too: the script's
+# lock (fd 9; the daemon would hold it for ever) and anything the caller left open (podman's
+# service was seen keeping the write end of a caller's pipe).
+start_detached() {
+    local log=$1; shift
+    (
+        for fd in /proc/"$BASHPID"/fd/*; do
+            fd=${fd##*/}
+            [ "$fd" -le 2 ] || eval "exec $fd>&-"
+        done
+        exec setsid nohup "$@" >>"$log" 2>&1 </dev/null
+    ) &
+    detached_pid=$!
 }
 
 # ensure_packages [--no-recommends] PKG...: installs the packages that are missing. apt-get

@@ -2,7 +2,7 @@
 # Sets up an LXD daemon and the image the LXD driver's tests use, on a Debian 12 machine of the
 # project's kind (run as root). Idempotent: a second run on the same machine changes nothing and
 # takes a few seconds. Every trap cited below ("backends.md") is described in
-# /work/shared/backends.md, intro and section "LXD (Debian's 5.0.2; Incus speaks the same API)".
+# docs/backends.md, intro and section "LXD (Debian's 5.0.2; Incus speaks the same API)".
 #
 # Result:
 #   - an LXD daemon (`lxd --group root`, left running) answering on /var/lib/lxd/unix.socket;
@@ -95,19 +95,8 @@ api_up() { curl -sf --max-time 3 --unix-socket "$SOCK_PATH" http://lxd/1.0 >/dev
 if api_up; then
     started="already running"
 else
-    # Fully detached: setsid (own session, no controlling terminal), nohup, stdin from /dev/null
-    # and stdout/stderr to a log, so it survives this script and never holds the caller's pipes
-    # open (a CI step reading our output would otherwise never see EOF). Every other inherited fd
-    # is closed too: our lock (fd 9; the daemon would hold it for ever) and anything the caller
-    # left open (tests/setup/podman.sh saw its service keep the write end of a caller's pipe).
-    (
-        for fd in /proc/"$BASHPID"/fd/*; do
-            fd=${fd##*/}
-            [ "$fd" -le 2 ] || eval "exec $fd>&-"
-        done
-        exec setsid nohup lxd --group root >>"$DAEMON_LOG" 2>&1 </dev/null
-    ) &
-    daemon_pid=$!
+    start_detached "$DAEMON_LOG" lxd --group root
+    daemon_pid=$detached_pid
     # Ready in under 1 s here (backends.md); waitready is bounded by its own timeout, and a
     # daemon that died at once is reported with its log rather than after 30 s.
     sleep 0.2

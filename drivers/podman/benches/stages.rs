@@ -1,7 +1,7 @@
 //! drover-podman against `benches/podman-baseline/driver.sh`, a bash driver doing what the
 //! widely copied podman scripts do (`podman run -d`, `podman exec -i <ctr> bash < script`,
 //! `podman rm -f`), in the same run on the same image: job start, per-run-stage overhead,
-//! output throughput and peak RSS (see `drover_harness::bench`).
+//! output throughput and peak RSS (see `drover_test_support::bench`).
 //!
 //! Needs the podman API service on /run/podman/podman.sock and the image
 //! `localhost/drover-test/debian:bookworm` (tests/setup/podman.sh). Every container made is
@@ -10,13 +10,13 @@
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 
-use drover_harness::bench::{Backend, Rounds, Side};
+use drover_test_support::bench::{Backend, Rounds, Side};
 
 const IMAGE: &str = "localhost/drover-test/debian:bookworm";
 const SOCKET: &str = "/run/podman/podman.sock";
 
 fn main() -> ExitCode {
-    drover_harness::bench::main(|| {
+    drover_test_support::bench::main(|| {
         assert!(
             Path::new(SOCKET).exists(),
             "no podman API socket at {SOCKET}: run tests/setup/podman.sh"

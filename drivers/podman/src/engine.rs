@@ -76,7 +76,7 @@ impl Engine {
         let endpoint = path.display().to_string();
         if !path.exists() {
             return Err(Error::system(format!(
-                "the engine socket {endpoint} does not exist; start `podman system service unix://{endpoint}` or fix [driver] socket"
+                "the engine socket {endpoint} does not exist; start `podman system service unix://{endpoint}` (or dockerd) or fix [driver] socket"
             )));
         }
         // API 1.41 is what podman 4 serves and what every Docker since 20.10 accepts. It is
@@ -96,8 +96,8 @@ impl Engine {
             .map_err(|err| unreachable(&self.endpoint, &err))
     }
 
-    /// The engine's name and version, e.g. `podman 4.3.1 (API 1.41)`. Slow on podman: for
-    /// `doctor`, not for stages.
+    /// The engine's name and version, e.g. `Podman Engine 4.3.1 (API 1.41)` or `Docker Engine
+    /// 20.10.24 (API 1.41)`. Slow on podman: for `doctor`, not for stages.
     pub async fn describe(&self) -> Result<String> {
         let version = self
             .docker
@@ -110,6 +110,12 @@ impl Engine {
             .first()
             .map(|c| c.name.clone())
             .unwrap_or_else(|| "engine".into());
+        // Docker names its first component plain `Engine`; podman says `Podman Engine`.
+        let name = if name == "Engine" {
+            "Docker Engine".to_owned()
+        } else {
+            name
+        };
         Ok(format!(
             "{name} {} (API {})",
             version.version.unwrap_or_default(),
@@ -188,6 +194,27 @@ impl Engine {
             )
             .await
             .map_err(|err| self.error(&format!("start container {name}"), &err))
+    }
+
+    /// Why a container is not running, e.g. `exited with 137`, or `None` while it runs; a
+    /// container that is gone says so.
+    pub async fn not_running(&self, name: &str) -> Result<Option<String>> {
+        match self
+            .docker
+            .inspect_container(
+                name,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+        {
+            Ok(container) => {
+                let state = container.state.unwrap_or_default();
+                Ok((state.running != Some(true))
+                    .then(|| format!("exited with {}", state.exit_code.unwrap_or_default())))
+            }
+            Err(err) if status(&err) == Some(404) => Ok(Some("was removed".to_owned())),
+            Err(err) => Err(self.error(&format!("inspect container {name}"), &err)),
+        }
     }
 
     /// Removes a container and its anonymous volumes; a container that is already gone is

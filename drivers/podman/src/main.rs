@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bollard::models::{ContainerCreateBody, HostConfig};
 use drover_core::channel;
@@ -45,6 +45,8 @@ const CACHE_DIR: &str = "/cache";
 const RUNNER_IN_CONTAINER: &str = "/usr/local/bin/gitlab-runner";
 /// Label: which part of the job a container is.
 const LABEL_ROLE: &str = "drover.role";
+/// How long cleanup waits for an engine that does not answer (a daemon restart takes seconds).
+const ENGINE_RETURN: Duration = Duration::from_secs(30);
 
 /// Keeps the container that holds a job's network namespace alive, and exits at once on the
 /// engine's SIGTERM. Only `sh` and `sleep` are needed in the image.
@@ -269,18 +271,59 @@ impl Driver for PodmanDriver {
             container: self.container(job, role),
         };
         let path = stages::channel_path(&self.job_dir(job), role);
-        channel::run_in(
+        let ran = channel::run_in(
             &exec,
             &path,
             &self.settings.shell,
             &body,
             job.cancel_token(),
         )
-        .await
+        .await;
+        // A channel that broke because the container itself stopped (the engine restarted —
+        // Docker stops containers then, unless live-restore — or someone removed it) says so,
+        // instead of suspecting the job.
+        if ran.is_err() {
+            match engine.not_running(&exec.container).await {
+                Ok(Some(why)) => {
+                    return Err(Error::system(format!(
+                        "container {} {why} while the stage ran; was the engine restarted or the container removed?",
+                        exec.container
+                    )));
+                }
+                Err(away) => return Err(away.context("the stage channel broke")),
+                Ok(None) => {}
+            }
+        }
+        ran
     }
 
+    /// Removes the job's containers, volume and files. An engine that is away for a moment
+    /// (restarting, say) is waited for, up to [`ENGINE_RETURN`]: the runner calls cleanup once,
+    /// and giving up at once would leave the job's containers for gc. Without the job's
+    /// directory, prepare never reached the engine (it makes the directory first), so there is
+    /// nothing to wait for.
     async fn cleanup(&self, job: &Job) -> Result<()> {
-        let engine = Engine::connect(self.settings.socket.as_deref())?;
+        if !self.job_dir(job).exists() {
+            let engine = Engine::connect(self.settings.socket.as_deref())?;
+            return self.remove_job(&engine, job).await;
+        }
+        let engine = retry(
+            "reaching the engine",
+            Backoff {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(4),
+                max_attempts: u32::MAX,
+            },
+            Some(tokio::time::Instant::now() + ENGINE_RETURN),
+            job.cancel_token(),
+            || async {
+                let engine =
+                    Engine::connect(self.settings.socket.as_deref()).map_err(Error::transient)?;
+                engine.ping().await.map_err(Error::transient)?;
+                Ok(engine)
+            },
+        )
+        .await?;
         self.remove_job(&engine, job).await
     }
 

@@ -1,94 +1,209 @@
-//! drover-podman against the real podman service, called as GitLab Runner calls it (through
-//! the `drover` CLI's emulated runner). Every test skips with one line when no engine answers;
-//! `tests/install-and-test.sh` sets podman up and exports `DROVER_PODMAN_SOCKET`.
+//! drover-podman against real engines, called as GitLab Runner calls it (through the `drover`
+//! CLI's emulated runner). Every test runs twice, against podman (`podman::…`) and against
+//! Docker Engine (`docker::…`), each through its Docker-compatible API socket:
+//! `DROVER_PODMAN_SOCKET` (default `/run/podman/podman.sock`) and `DROVER_DOCKER_SOCKET` (default
+//! `/var/run/docker.sock`). What a test inspects on the engine it asks that same API, so both
+//! engines are checked the same way. An engine that does not answer makes its tests skip with
+//! one line, or fail where `DROVER_REQUIRE` names it (CI); `tests/setup/podman.sh` and
+//! `tests/setup/docker.sh` set them up.
 
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use drover_harness::real::gitlab_runner_for_test;
 use drover_harness::repository::commit_files;
-use drover_harness::setup::DriverSetup;
+use drover_test_support::require;
+use drover_test_support::setup::DriverSetup;
 
 const DRIVER: &str = env!("CARGO_BIN_EXE_drover-podman");
 const USER_IMAGE: &str = "localhost/drover-test/debian:bookworm";
 const HELPER_IMAGE: &str = "localhost/drover-test/helper:bookworm";
 const SERVICE_IMAGE: &str = "localhost/drover-test/busybox:latest";
 
-/// The engine's socket, or `None` (and one line saying why) when there is none to test with.
-fn engine(test: &str) -> Option<PathBuf> {
-    let socket = std::env::var_os("DROVER_PODMAN_SOCKET")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/run/podman/podman.sock"));
-    let answers = Command::new("curl")
-        .args(["-sf", "--max-time", "5", "--unix-socket"])
-        .arg(&socket)
-        .arg("http://d/_ping")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !answers {
-        eprintln!(
-            "skipped {test}: no podman API at {} (run tests/setup/podman.sh as root)",
-            socket.display()
-        );
-        return None;
-    }
-    Some(socket)
+/// An engine under test: its name in `DROVER_REQUIRE` and its API socket.
+struct Engine {
+    name: &'static str,
+    socket: PathBuf,
 }
+
+impl Engine {
+    /// The engine `name` (`podman` or `docker`) if its socket answers; otherwise a skip, or a
+    /// failure where `DROVER_REQUIRE` names it.
+    fn find(name: &'static str, test: &str) -> Option<Engine> {
+        let (variable, default, setup) = match name {
+            "podman" => (
+                "DROVER_PODMAN_SOCKET",
+                "/run/podman/podman.sock",
+                "tests/setup/podman.sh",
+            ),
+            _ => (
+                "DROVER_DOCKER_SOCKET",
+                "/var/run/docker.sock",
+                "tests/setup/docker.sh",
+            ),
+        };
+        let socket = std::env::var_os(variable)
+            .filter(|s| !s.is_empty())
+            .map_or_else(|| PathBuf::from(default), PathBuf::from);
+        let engine = Engine { name, socket };
+        let found = match engine.api(&["-f", "http://d/_ping"]) {
+            Some(_) => Ok(engine),
+            None => Err(format!(
+                "no {name} API at {} (run {setup} as root, or set {variable})",
+                engine.socket.display()
+            )),
+        };
+        require::backend(name, &format!("{name}::{test}"), found)
+    }
+
+    /// `curl ARGS` against the engine's socket; its stdout when curl succeeded.
+    fn api(&self, args: &[&str]) -> Option<Vec<u8>> {
+        let output = Command::new("curl")
+            .args(["-s", "--max-time", "10", "--unix-socket"])
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .ok()?;
+        output.status.success().then_some(output.stdout)
+    }
+
+    /// A JSON answer of the engine's API to `GET path`, with `query` URL-encoded.
+    fn get(&self, path: &str, query: &[&str]) -> serde_json::Value {
+        let mut args = vec!["-f", "-G"];
+        for item in query {
+            args.extend(["--data-urlencode", item]);
+        }
+        let url = format!("http://d/v1.41{path}");
+        args.push(&url);
+        let body = self
+            .api(&args)
+            .unwrap_or_else(|| panic!("{}: GET {path} failed", self.name));
+        serde_json::from_slice(&body).expect("the engine answers JSON")
+    }
+
+    /// Containers and volumes labelled with `runner`.
+    fn leftovers(&self, runner: &str) -> Vec<String> {
+        let filter = format!(r#"filters={{"label":["drover.runner={runner}"]}}"#);
+        let containers = self.get("/containers/json", &["all=1", &filter]);
+        let volumes = self.get("/volumes", &[&filter]);
+        let mut found: Vec<String> = containers
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["Names"][0].as_str())
+            .map(|name| name.trim_start_matches('/').to_owned())
+            .collect();
+        found.extend(
+            volumes["Volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v["Name"].as_str())
+                .map(str::to_owned),
+        );
+        found
+    }
+
+    /// The CPU (in billionths) and memory limits of a container.
+    fn limits(&self, container: &str) -> String {
+        let config = &self.get(&format!("/containers/{container}/json"), &[])["HostConfig"];
+        format!("{} {}", config["NanoCpus"], config["Memory"])
+    }
+
+    /// Removes a container at once, as a crash or another tool would.
+    fn remove(&self, container: &str) {
+        let url = format!("http://d/v1.41/containers/{container}?force=true");
+        assert!(
+            self.api(&["-f", "-X", "DELETE", &url]).is_some(),
+            "{}: cannot remove {container}",
+            self.name
+        );
+    }
+}
+
+/// Defines each test once per engine: `podman::TEST` and `docker::TEST` call `TEST(&engine)`.
+macro_rules! on_each_engine {
+    ($($test:ident),* $(,)?) => {
+        mod podman {
+            $(#[test]
+            fn $test() {
+                if let Some(engine) = super::Engine::find("podman", stringify!($test)) {
+                    super::$test(&engine);
+                }
+            })*
+        }
+        mod docker {
+            $(#[test]
+            fn $test() {
+                if let Some(engine) = super::Engine::find("docker", stringify!($test)) {
+                    super::$test(&engine);
+                }
+            })*
+        }
+    };
+}
+
+on_each_engine!(
+    passes_the_conformance_suite_and_leaves_nothing_behind,
+    a_user_image_without_git_or_gitlab_runner_gets_cache_and_artifacts_through_the_helper,
+    a_service_is_reachable_by_its_alias,
+    a_missing_engine_socket_is_a_system_failure_that_names_it,
+    an_image_off_the_allow_list_is_a_system_failure_that_names_the_list,
+    a_missing_image_with_pull_policy_never_is_a_clear_error,
+    gc_removes_only_expired_jobs_and_doctor_reports_the_engine,
+    real_runner_pipeline_with_the_runners_own_helpers_in_the_helper_container,
+    without_the_channel_directory_each_stage_is_an_exec,
+    sources_come_through_the_helper_into_a_user_image_without_git,
+    ctrl_c_cancels_the_job_after_script_runs_and_nothing_is_left,
+    caches_are_per_runner_and_per_project_and_private_on_the_host,
+    a_service_off_the_allow_list_is_refused_and_services_get_their_own_limits,
+    a_cpu_request_too_small_to_be_a_limit_is_refused,
+    cleanup_and_gc_leave_other_runners_jobs_alone_and_gc_finds_half_made_jobs,
+    cleanup_waits_for_an_engine_that_is_restarting,
+);
 
 /// A settings file with a runner name of its own, so leftovers are attributable to one test.
-fn new_setup(test: &str, socket: &Path, driver: &str, policy: &str) -> DriverSetup {
-    setup_in(test, None, socket, driver, policy)
+fn new_setup(test: &str, engine: &Engine, driver: &str, policy: &str) -> DriverSetup {
+    setup_in(test, None, engine, &engine.socket, driver, policy)
 }
 
-/// The same, with the `state_dir` of another setup when given.
+/// The same, with the `state_dir` of another setup when given, and the driver pointed at
+/// `socket` (the engine's own, unless a test breaks it).
 fn setup_in(
     test: &str,
     state_of: Option<&DriverSetup>,
+    engine: &Engine,
     socket: &Path,
     driver: &str,
     policy: &str,
 ) -> DriverSetup {
-    DriverSetup::new(DRIVER, test, leftovers, |runner, own_state| {
-        let state = state_of.map_or_else(|| own_state.to_owned(), DriverSetup::state_dir);
-        format!(
-            "runner_name = \"{runner}\"\n\
-             [driver]\nsocket = {socket:?}\npull_policy = \"never\"\nstate_dir = {state:?}\n{driver}\n\
-             [policy]\ndefault_image = \"{USER_IMAGE}\"\nallowed_images = [\"localhost/drover-test/**\"]\n{policy}\n"
-        )
-    })
-}
-
-/// Containers and volumes of `runner` still on the engine.
-fn leftovers(runner: &str) -> Vec<String> {
-    let label = format!("label=drover.runner={runner}");
-    let mut found = Vec::new();
-    for args in [
-        vec!["ps", "-a", "--filter", &label, "--format", "{{.Names}}"],
-        vec!["volume", "ls", "--filter", &label, "--format", "{{.Name}}"],
-    ] {
-        let output = Command::new("podman")
-            .args(&args)
-            .output()
-            .expect("podman CLI");
-        found.extend(
-            String::from_utf8_lossy(&output.stdout)
-                .lines()
-                .map(str::to_owned),
-        );
-    }
-    found
+    let inspect = Engine {
+        name: engine.name,
+        socket: engine.socket.clone(),
+    };
+    DriverSetup::new(
+        DRIVER,
+        test,
+        Box::new(move |runner| inspect.leftovers(runner)),
+        |runner, own_state| {
+            let state = state_of.map_or_else(|| own_state.to_owned(), DriverSetup::state_dir);
+            format!(
+                "runner_name = \"{runner}\"\n\
+                 [driver]\nsocket = {socket:?}\npull_policy = \"never\"\nstate_dir = {state:?}\n{driver}\n\
+                 [policy]\ndefault_image = \"{USER_IMAGE}\"\nallowed_images = [\"localhost/drover-test/**\"]\n{policy}\n"
+            )
+        },
+    )
 }
 
 fn stand_in() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/harness/stand-in/gitlab-runner")
 }
 
-#[test]
-fn passes_the_conformance_suite_and_leaves_nothing_behind() {
-    let Some(socket) = engine("passes_the_conformance_suite_and_leaves_nothing_behind") else {
-        return;
-    };
-    let setup = new_setup("conformance", &socket, "network_mode = \"none\"", "");
+fn passes_the_conformance_suite_and_leaves_nothing_behind(engine: &Engine) {
+    let setup = new_setup("conformance", engine, "network_mode = \"none\"", "");
     let output = setup
         .drover_command(&["conformance"])
         .output()
@@ -111,19 +226,15 @@ fn passes_the_conformance_suite_and_leaves_nothing_behind() {
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
 
-#[test]
-fn a_user_image_without_git_or_gitlab_runner_gets_cache_and_artifacts_through_the_helper() {
-    let Some(socket) = engine(
-        "a_user_image_without_git_or_gitlab_runner_gets_cache_and_artifacts_through_the_helper",
-    ) else {
-        return;
-    };
+fn a_user_image_without_git_or_gitlab_runner_gets_cache_and_artifacts_through_the_helper(
+    engine: &Engine,
+) {
     // Host networking only so the helper reaches drover's fake GitLab on 127.0.0.1.
     let driver = format!(
         "network_mode = \"host\"\nhelper_image = \"{HELPER_IMAGE}\"\ngitlab_runner_binary = {:?}",
         stand_in()
     );
-    let setup = new_setup("helper", &socket, &driver, "");
+    let setup = new_setup("helper", engine, &driver, "");
     let pipeline = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/jobs/pipeline.yml"))
         .expect("example pipeline")
         .replace(
@@ -143,12 +254,8 @@ fn a_user_image_without_git_or_gitlab_runner_gets_cache_and_artifacts_through_th
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
 
-#[test]
-fn a_service_is_reachable_by_its_alias() {
-    let Some(socket) = engine("a_service_is_reachable_by_its_alias") else {
-        return;
-    };
-    let setup = new_setup("service", &socket, "network_mode = \"none\"", "");
+fn a_service_is_reachable_by_its_alias(engine: &Engine) {
+    let setup = new_setup("service", engine, "network_mode = \"none\"", "");
     let yaml = format!(
         "svc:\n  services:\n    - name: {SERVICE_IMAGE}\n      alias: echo-svc\n      command: [\"sh\", \"-c\", \"while true; do echo pong | nc -l -p 7777; done\"]\n  script:\n    - for i in $(seq 1 50); do if exec 3<>/dev/tcp/echo-svc/7777; then cat <&3; break; fi; sleep 0.2; done\n"
     );
@@ -162,12 +269,15 @@ fn a_service_is_reachable_by_its_alias() {
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
 
-#[test]
-fn a_missing_engine_socket_is_a_system_failure_that_names_it() {
-    let Some(_) = engine("a_missing_engine_socket_is_a_system_failure_that_names_it") else {
-        return;
-    };
-    let setup = new_setup("nosocket", Path::new("/nonexistent/podman.sock"), "", "");
+fn a_missing_engine_socket_is_a_system_failure_that_names_it(engine: &Engine) {
+    let setup = setup_in(
+        "nosocket",
+        None,
+        engine,
+        Path::new("/nonexistent/podman.sock"),
+        "",
+        "",
+    );
     let (ok, log) = setup.run_job("x:\n  script: [echo never]\n", &[]);
     assert!(!ok);
     assert!(
@@ -177,14 +287,8 @@ fn a_missing_engine_socket_is_a_system_failure_that_names_it() {
     assert!(log.contains("result: runner_system_failure"), "{log}");
 }
 
-#[test]
-fn an_image_off_the_allow_list_is_a_system_failure_that_names_the_list() {
-    let Some(socket) =
-        engine("an_image_off_the_allow_list_is_a_system_failure_that_names_the_list")
-    else {
-        return;
-    };
-    let setup = new_setup("allowlist", &socket, "", "");
+fn an_image_off_the_allow_list_is_a_system_failure_that_names_the_list(engine: &Engine) {
+    let setup = new_setup("allowlist", engine, "", "");
     let (ok, log) = setup.run_job(
         "x:\n  image: docker.io/library/alpine:3\n  script: [echo never]\n",
         &[],
@@ -198,12 +302,8 @@ fn an_image_off_the_allow_list_is_a_system_failure_that_names_the_list() {
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
 
-#[test]
-fn a_missing_image_with_pull_policy_never_is_a_clear_error() {
-    let Some(socket) = engine("a_missing_image_with_pull_policy_never_is_a_clear_error") else {
-        return;
-    };
-    let setup = new_setup("noimage", &socket, "", "");
+fn a_missing_image_with_pull_policy_never_is_a_clear_error(engine: &Engine) {
+    let setup = new_setup("noimage", engine, "", "");
     let (ok, log) = setup.run_job(
         "x:\n  image: localhost/drover-test/absent:1\n  script: [echo never]\n",
         &[],
@@ -218,25 +318,26 @@ fn a_missing_image_with_pull_policy_never_is_a_clear_error() {
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
 
-#[test]
-fn gc_removes_only_expired_jobs_and_doctor_reports_the_engine() {
-    let Some(socket) = engine("gc_removes_only_expired_jobs_and_doctor_reports_the_engine") else {
-        return;
-    };
-    let setup = new_setup("gc", &socket, "network_mode = \"none\"", "");
+fn gc_removes_only_expired_jobs_and_doctor_reports_the_engine(engine: &Engine) {
+    let setup = new_setup("gc", engine, "network_mode = \"none\"", "");
     setup.abandon_an_expired_job();
     setup.expect_gc_removes("job 99001");
 
     let doctor = setup.driver(&["doctor"]);
     let text = String::from_utf8_lossy(&doctor.stdout);
     assert!(doctor.status.success(), "{text}");
-    assert!(text.contains("ok   engine:"), "{text}");
+    let named = if engine.name == "podman" {
+        "ok   engine: Podman Engine "
+    } else {
+        "ok   engine: Docker Engine "
+    };
+    assert!(text.contains(named), "{text}");
 }
 
-#[test]
-fn real_runner_pipeline_with_the_runners_own_helpers_in_the_helper_container() {
-    let test = "real_runner_pipeline_with_the_runners_own_helpers_in_the_helper_container";
-    let (Some(socket), Some(runner)) = (engine(test), gitlab_runner_for_test(test)) else {
+fn real_runner_pipeline_with_the_runners_own_helpers_in_the_helper_container(engine: &Engine) {
+    let Some(runner) = require::gitlab_runner(
+        "real_runner_pipeline_with_the_runners_own_helpers_in_the_helper_container",
+    ) else {
         return;
     };
     // The real gitlab-runner binary is mounted into the helper: cache and artifacts use the
@@ -244,7 +345,7 @@ fn real_runner_pipeline_with_the_runners_own_helpers_in_the_helper_container() {
     let driver = format!(
         "network_mode = \"host\"\nhelper_image = \"{HELPER_IMAGE}\"\ngitlab_runner_binary = {runner:?}"
     );
-    let setup = new_setup("realrunner", &socket, &driver, "");
+    let setup = new_setup("realrunner", engine, &driver, "");
     let pipeline = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../examples/jobs/pipeline.yml"
@@ -265,15 +366,11 @@ fn real_runner_pipeline_with_the_runners_own_helpers_in_the_helper_container() {
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
 
-#[test]
-fn without_the_channel_directory_each_stage_is_an_exec() {
-    let Some(socket) = engine("without_the_channel_directory_each_stage_is_an_exec") else {
-        return;
-    };
+fn without_the_channel_directory_each_stage_is_an_exec(engine: &Engine) {
     // An engine that cannot see the driver's channel directory (one in a VM) leaves its
     // agent without orders; removing the directory after prepare shows what such a job gets:
     // the same bytes and exit status, through an exec per stage.
-    let setup = new_setup("attach", &socket, "network_mode = \"none\"", "");
+    let setup = new_setup("attach", engine, "network_mode = \"none\"", "");
     let response = r#"{"id": 99002, "token": "t", "job_info": {"project_id": 5}, "runner_info": {"timeout": 600}, "variables": []}"#;
     let prepare = setup.stage(response, &["prepare"]);
     assert!(
@@ -307,17 +404,12 @@ fn without_the_channel_directory_each_stage_is_an_exec() {
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
 
-#[test]
-fn sources_come_through_the_helper_into_a_user_image_without_git() {
-    let Some(socket) = engine("sources_come_through_the_helper_into_a_user_image_without_git")
-    else {
-        return;
-    };
+fn sources_come_through_the_helper_into_a_user_image_without_git(engine: &Engine) {
     // A repository on this host that drover's fake GitLab serves as the project's; host
     // networking lets the helper's git fetch reach it on 127.0.0.1.
     let setup = new_setup(
         "sources",
-        &socket,
+        engine,
         &format!("network_mode = \"host\"\nhelper_image = \"{HELPER_IMAGE}\""),
         "",
     );
@@ -373,15 +465,10 @@ fn run_and_interrupt(setup: &DriverSetup, runner: &[&str]) -> String {
     log
 }
 
-#[test]
-fn ctrl_c_cancels_the_job_after_script_runs_and_nothing_is_left() {
-    let Some(socket) = engine("ctrl_c_cancels_the_job_after_script_runs_and_nothing_is_left")
-    else {
-        return;
-    };
-    let setup = new_setup("ctrlc", &socket, "network_mode = \"none\"", "");
+fn ctrl_c_cancels_the_job_after_script_runs_and_nothing_is_left(engine: &Engine) {
+    let setup = new_setup("ctrlc", engine, "network_mode = \"none\"", "");
     let mut runners = vec![vec!["--runner".to_owned(), "emulated".to_owned()]];
-    if let Some(binary) = gitlab_runner_for_test("ctrl_c_cancels_the_job (real runner)") {
+    if let Some(binary) = require::gitlab_runner("ctrl_c_cancels_the_job (real runner)") {
         runners.push(vec![
             "--runner".into(),
             "real".into(),
@@ -405,42 +492,37 @@ fn ctrl_c_cancels_the_job_after_script_runs_and_nothing_is_left() {
     }
 }
 
-#[test]
+#[test] // no engine: its engine is a socket that never answers
 fn gc_and_doctor_stop_on_sigterm_against_an_engine_that_never_answers() {
     // No engine needed: the engine here is a socket that accepts and never answers.
     let dir = tempfile::tempdir().expect("tmp");
     let socket = dir.path().join("hung.sock");
-    drover_harness::setup::hung_socket(&socket);
-    let setup = new_setup("hung", &socket, "", "");
-    setup.expect_maintenance_stops_on_sigterm();
+    let backend = drover_test_support::setup::HungSocket::bind(&socket);
+    let engine = Engine {
+        name: "none",
+        socket: socket.clone(),
+    };
+    let setup = new_setup("hung", &engine, "", "");
+    setup.expect_maintenance_stops_on_sigterm(&backend);
 }
 
-#[test]
-fn caches_are_per_runner_and_per_project_and_private_on_the_host() {
-    let Some(socket) = engine("caches_are_per_runner_and_per_project_and_private_on_the_host")
-    else {
-        return;
-    };
-    let setup = new_setup("cacheiso", &socket, "network_mode = \"none\"", "");
+fn caches_are_per_runner_and_per_project_and_private_on_the_host(engine: &Engine) {
+    let setup = new_setup("cacheiso", engine, "network_mode = \"none\"", "");
     let other = setup_in(
         "cacheisob",
         Some(&setup),
-        &socket,
+        engine,
+        &engine.socket,
         "network_mode = \"none\"",
         "",
     );
-    drover_harness::setup::expect_caches_per_runner_and_project(&setup, &other);
+    drover_test_support::setup::expect_caches_per_runner_and_project(&setup, &other);
 }
 
-#[test]
-fn a_service_off_the_allow_list_is_refused_and_services_get_their_own_limits() {
-    let test = "a_service_off_the_allow_list_is_refused_and_services_get_their_own_limits";
-    let Some(socket) = engine(test) else {
-        return;
-    };
+fn a_service_off_the_allow_list_is_refused_and_services_get_their_own_limits(engine: &Engine) {
     // A service image the policy would refuse as the job's image.
     let refused = "x:\n  services: [docker.io/library/alpine:3]\n  script: [echo never]\n";
-    let setup = new_setup("svcpolicy", &socket, "network_mode = \"none\"", "");
+    let setup = new_setup("svcpolicy", engine, "network_mode = \"none\"", "");
     let (ok, log) = setup.run_job(refused, &[]);
     assert!(!ok);
     assert!(
@@ -453,7 +535,7 @@ fn a_service_off_the_allow_list_is_refused_and_services_get_their_own_limits() {
     // With a list of their own, only that list counts; and a service gets its own limits.
     let setup = new_setup(
         "svclimits",
-        &socket,
+        engine,
         "network_mode = \"none\"",
         &format!(
             "cpus = 1.5\nmemory = \"512MiB\"\nservice_cpus = 0.5\nservice_memory = \"64MiB\"\nallowed_services = [\"{SERVICE_IMAGE}\"]"
@@ -468,7 +550,7 @@ fn a_service_off_the_allow_list_is_refused_and_services_get_their_own_limits() {
     let services = format!(
         r#"[{{"name": "{SERVICE_IMAGE}", "alias": "svc", "entrypoint": null, "command": ["sleep", "600"]}}]"#
     );
-    let response = drover_harness::setup::response(99201, 5);
+    let response = drover_test_support::setup::response(99201, 5);
     let prepare = setup.stage_with(
         &response,
         &["prepare"],
@@ -479,18 +561,7 @@ fn a_service_off_the_allow_list_is_refused_and_services_get_their_own_limits() {
         "{}",
         String::from_utf8_lossy(&prepare.stderr)
     );
-    let limits = |container: &str| {
-        let output = Command::new("podman")
-            .args([
-                "inspect",
-                "--format",
-                "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}",
-                container,
-            ])
-            .output()
-            .expect("podman inspect");
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
-    };
+    let limits = |container: &str| engine.limits(container);
     let job = format!("drover-{}-p5-j99201", setup.runner);
     assert_eq!(limits(&job), format!("1500000000 {}", 512 << 20));
     assert_eq!(
@@ -502,17 +573,8 @@ fn a_service_off_the_allow_list_is_refused_and_services_get_their_own_limits() {
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
 
-#[test]
-fn a_cpu_request_too_small_to_be_a_limit_is_refused() {
-    let Some(socket) = engine("a_cpu_request_too_small_to_be_a_limit_is_refused") else {
-        return;
-    };
-    let setup = new_setup(
-        "tinycpu",
-        &socket,
-        "network_mode = \"none\"",
-        "max_cpus = 2",
-    );
+fn a_cpu_request_too_small_to_be_a_limit_is_refused(engine: &Engine) {
+    let setup = new_setup("tinycpu", engine, "network_mode = \"none\"", "max_cpus = 2");
     let job = |cpus: &str| {
         format!("x:\n  variables: {{DROVER_CPUS: \"{cpus}\"}}\n  script: [echo \"ran $((6*7))\"]\n")
     };
@@ -529,16 +591,11 @@ fn a_cpu_request_too_small_to_be_a_limit_is_refused() {
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
 
-#[test]
-fn cleanup_and_gc_leave_other_runners_jobs_alone_and_gc_finds_half_made_jobs() {
-    let test = "cleanup_and_gc_leave_other_runners_jobs_alone_and_gc_finds_half_made_jobs";
-    let Some(socket) = engine(test) else {
-        return;
-    };
+fn cleanup_and_gc_leave_other_runners_jobs_alone_and_gc_finds_half_made_jobs(engine: &Engine) {
     // Two runners, the same job id: one's cleanup must not touch the other's volume.
-    let mine = new_setup("mine", &socket, "network_mode = \"none\"", "");
-    let theirs = new_setup("theirs", &socket, "network_mode = \"none\"", "");
-    let response = drover_harness::setup::response(99301, 5);
+    let mine = new_setup("mine", engine, "network_mode = \"none\"", "");
+    let theirs = new_setup("theirs", engine, "network_mode = \"none\"", "");
+    let response = drover_test_support::setup::response(99301, 5);
     for setup in [&mine, &theirs] {
         let prepare = setup.stage(&response, &["prepare"]);
         assert!(
@@ -555,16 +612,91 @@ fn cleanup_and_gc_leave_other_runners_jobs_alone_and_gc_finds_half_made_jobs() {
 
     // A job whose containers are gone (a prepare cut short, a crash) still has its volume and
     // its directory: gc finds them by those.
-    let setup = new_setup("halfmade", &socket, "network_mode = \"none\"", "");
+    let setup = new_setup("halfmade", engine, "network_mode = \"none\"", "");
     setup.abandon_an_expired_job();
     let container = format!("drover-{}-p5-j99001", setup.runner);
-    let removed = Command::new("podman")
-        .args(["rm", "-f", "-t", "0", &container])
-        .output();
-    assert!(removed.is_ok_and(|o| o.status.success()));
+    engine.remove(&container);
     assert_eq!(setup.leftovers(), vec![format!("{container}-builds")]);
     let job_dir = setup.state_dir().join("jobs").join(&container);
     assert!(job_dir.exists());
     setup.expect_gc_removes("job 99001");
     assert!(!job_dir.exists(), "gc left {}", job_dir.display());
+}
+
+/// The engine's socket through a proxy that can play a restarting engine: it accepts and drops
+/// the next connections it is told to, then forwards again.
+struct RestartingEngine {
+    socket: PathBuf,
+    drop_next: Arc<AtomicUsize>,
+}
+
+impl RestartingEngine {
+    fn start(dir: &Path, engine: &Engine) -> RestartingEngine {
+        let socket = dir.join("engine.sock");
+        let listener = UnixListener::bind(&socket).expect("bind the proxy");
+        let drop_next = Arc::new(AtomicUsize::new(0));
+        let (target, dropping) = (engine.socket.clone(), Arc::clone(&drop_next));
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let drop_this = dropping
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                if !drop_this {
+                    let target = target.clone();
+                    std::thread::spawn(move || forward(client, &target));
+                }
+            }
+        });
+        RestartingEngine { socket, drop_next }
+    }
+
+    fn drop_next(&self, connections: usize) {
+        self.drop_next.store(connections, Ordering::SeqCst);
+    }
+}
+
+fn forward(client: UnixStream, target: &Path) {
+    let Ok(server) = UnixStream::connect(target) else {
+        return;
+    };
+    let (mut from_client, mut to_server) = (
+        client.try_clone().expect("clone"),
+        server.try_clone().expect("clone"),
+    );
+    let upstream = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_client, &mut to_server);
+        let _ = to_server.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut from_server, mut to_client) = (server, client);
+    let _ = std::io::copy(&mut from_server, &mut to_client);
+    let _ = to_client.shutdown(std::net::Shutdown::Write);
+    let _ = upstream.join();
+}
+
+fn cleanup_waits_for_an_engine_that_is_restarting(engine: &Engine) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let proxy = RestartingEngine::start(dir.path(), engine);
+    let setup = setup_in(
+        "restart",
+        None,
+        engine,
+        &proxy.socket,
+        "network_mode = \"none\"",
+        "",
+    );
+    let response = drover_test_support::setup::response(99401, 5);
+    let prepare = setup.stage(&response, &["prepare"]);
+    assert!(
+        prepare.status.success(),
+        "{}",
+        String::from_utf8_lossy(&prepare.stderr)
+    );
+    // The engine goes away for three connections: cleanup must wait for it, not give up and
+    // leave the job's container and volume behind.
+    proxy.drop_next(3);
+    let cleanup = setup.stage(&response, &["cleanup"]);
+    let stderr = String::from_utf8_lossy(&cleanup.stderr);
+    assert!(cleanup.status.success(), "{stderr}");
+    assert!(stderr.contains("reaching the engine failed"), "{stderr}");
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
