@@ -39,4 +39,7 @@ if [ -z "${GITLAB_RUNNER_BIN:-}" ] && ! command -v gitlab-runner >/dev/null; the
     echo "note: no GITLAB_RUNNER_BIN and no gitlab-runner on PATH: real-runner tests will skip"
 fi
 
+# Four tests at a time in each test binary, whatever the cores: the backend tests spend their
+# time waiting on daemons (a full run uses under a minute of CPU in seven), not computing.
+export RUST_TEST_THREADS="${RUST_TEST_THREADS:-4}"
 cargo test --workspace --no-fail-fast
