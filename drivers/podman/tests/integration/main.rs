@@ -112,6 +112,16 @@ impl Engine {
         format!("{} {}", config["NanoCpus"], config["Memory"])
     }
 
+    /// Kills a container's processes (SIGKILL), as a restarting engine does.
+    fn kill(&self, container: &str) {
+        let url = format!("http://d/v1.41/containers/{container}/kill");
+        assert!(
+            self.api(&["-f", "-X", "POST", &url]).is_some(),
+            "{}: cannot kill {container}",
+            self.name
+        );
+    }
+
     /// Removes a container at once, as a crash or another tool would.
     fn remove(&self, container: &str) {
         let url = format!("http://d/v1.41/containers/{container}?force=true");
@@ -162,6 +172,7 @@ on_each_engine!(
     a_cpu_request_too_small_to_be_a_limit_is_refused,
     cleanup_and_gc_leave_other_runners_jobs_alone_and_gc_finds_half_made_jobs,
     cleanup_waits_for_an_engine_that_is_restarting,
+    a_stage_whose_container_was_stopped_says_so,
 );
 
 /// A settings file with a runner name of its own, so leftovers are attributable to one test.
@@ -698,5 +709,29 @@ fn cleanup_waits_for_an_engine_that_is_restarting(engine: &Engine) {
     let stderr = String::from_utf8_lossy(&cleanup.stderr);
     assert!(cleanup.status.success(), "{stderr}");
     assert!(stderr.contains("reaching the engine failed"), "{stderr}");
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+fn a_stage_whose_container_was_stopped_says_so(engine: &Engine) {
+    let setup = new_setup("stopped", engine, "network_mode = \"none\"", "");
+    let response = drover_test_support::setup::response(99501, 5);
+    let prepare = setup.stage(&response, &["prepare"]);
+    assert!(
+        prepare.status.success(),
+        "{}",
+        String::from_utf8_lossy(&prepare.stderr)
+    );
+    let container = format!("drover-{}-p5-j99501", setup.runner);
+    engine.kill(&container);
+    let (code, text) = setup.run_script(&response, "echo never\n");
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains(&format!(
+            "container {container} exited with 137 while the stage ran"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("never"), "{text}");
+    assert!(setup.stage(&response, &["cleanup"]).status.success());
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
