@@ -20,7 +20,15 @@ pub fn required(backend: &str) -> bool {
 /// `found`, or — when `backend` is missing (`Err` says why and how to set it up) — `None` after
 /// one line saying `test` is skipped; a panic instead when `DROVER_REQUIRE` names `backend`.
 pub fn backend<T>(backend: &str, test: &str, found: Result<T, String>) -> Option<T> {
-    skip_or_fail(required(backend), backend, test, found)
+    // Straight to stderr, not `eprintln!`: the test harness captures that and would hide the
+    // one line that says a test did not really run.
+    skip_or_fail(
+        required(backend),
+        backend,
+        test,
+        found,
+        &mut std::io::stderr().lock(),
+    )
 }
 
 fn skip_or_fail<T>(
@@ -28,14 +36,13 @@ fn skip_or_fail<T>(
     backend: &str,
     test: &str,
     found: Result<T, String>,
+    skip_line: &mut impl Write,
 ) -> Option<T> {
     match found {
         Ok(found) => Some(found),
         Err(why) if required => panic!("{test}: {DROVER_REQUIRE} names {backend}, but {why}"),
         Err(why) => {
-            // Straight to stderr, not `eprintln!`: the test harness captures that and would
-            // hide the one line that says a test did not really run.
-            let _ = writeln!(std::io::stderr().lock(), "skipped {test}: {why}");
+            let _ = writeln!(skip_line, "skipped {test}: {why}");
             None
         }
     }
@@ -56,18 +63,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_missing_backend_skips_unless_it_is_required() {
-        assert_eq!(skip_or_fail(false, "lxd", "t", Ok(7)), Some(7));
-        assert_eq!(skip_or_fail(true, "lxd", "t", Ok(7)), Some(7));
+    fn a_missing_backend_skips_with_one_line_unless_it_is_required() {
+        let mut line = Vec::new();
+        assert_eq!(skip_or_fail(false, "lxd", "t", Ok(7), &mut line), Some(7));
+        assert_eq!(skip_or_fail(true, "lxd", "t", Ok(7), &mut line), Some(7));
+        assert!(line.is_empty());
+        let missing = Err("no LXD".to_owned());
         assert_eq!(
-            skip_or_fail::<u8>(false, "lxd", "t", Err("no LXD".into())),
+            skip_or_fail::<u8>(false, "lxd", "t", missing, &mut line),
             None
         );
+        assert_eq!(String::from_utf8_lossy(&line), "skipped t: no LXD\n");
     }
 
     #[test]
     #[should_panic(expected = "t: DROVER_REQUIRE names lxd, but no LXD")]
     fn a_required_backend_that_is_missing_fails_the_test() {
-        skip_or_fail::<u8>(true, "lxd", "t", Err("no LXD".into()));
+        skip_or_fail::<u8>(true, "lxd", "t", Err("no LXD".into()), &mut Vec::new());
     }
 }

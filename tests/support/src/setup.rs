@@ -62,10 +62,8 @@ impl DriverSetup {
     pub fn set(&self, key: &str, value: impl Into<toml::Value>) {
         let text = std::fs::read_to_string(self.settings()).expect("settings");
         let mut settings: toml::Table = text.parse().expect("the settings are TOML");
-        let (tables, last) = match key.rsplit_once('.') {
-            Some((tables, last)) => (tables.split('.').collect::<Vec<_>>(), last),
-            None => (Vec::new(), key),
-        };
+        let mut tables: Vec<&str> = key.split('.').collect();
+        let last = tables.pop().unwrap_or(key);
         let mut table = &mut settings;
         for name in tables {
             table = table

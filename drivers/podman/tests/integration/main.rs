@@ -23,6 +23,7 @@ const HELPER_IMAGE: &str = "localhost/drover-test/helper:bookworm";
 const SERVICE_IMAGE: &str = "localhost/drover-test/busybox:latest";
 
 /// An engine under test: its name in `DROVER_REQUIRE` and its API socket.
+#[derive(Clone)]
 struct Engine {
     name: &'static str,
     socket: PathBuf,
@@ -136,18 +137,14 @@ impl Engine {
 /// Defines each test once per engine: `podman::TEST` and `docker::TEST` call `TEST(&engine)`.
 macro_rules! on_each_engine {
     ($($test:ident),* $(,)?) => {
-        mod podman {
+        on_each_engine!(@engine podman: $($test),*);
+        on_each_engine!(@engine docker: $($test),*);
+    };
+    (@engine $engine:ident: $($test:ident),*) => {
+        mod $engine {
             $(#[test]
             fn $test() {
-                if let Some(engine) = super::Engine::find("podman", stringify!($test)) {
-                    super::$test(&engine);
-                }
-            })*
-        }
-        mod docker {
-            $(#[test]
-            fn $test() {
-                if let Some(engine) = super::Engine::find("docker", stringify!($test)) {
+                if let Some(engine) = super::Engine::find(stringify!($engine), stringify!($test)) {
                     super::$test(&engine);
                 }
             })*
@@ -190,10 +187,7 @@ fn setup_in(
     driver: &str,
     policy: &str,
 ) -> DriverSetup {
-    let inspect = Engine {
-        name: engine.name,
-        socket: engine.socket.clone(),
-    };
+    let inspect = engine.clone();
     DriverSetup::new(
         DRIVER,
         test,
