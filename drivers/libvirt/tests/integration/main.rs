@@ -1,0 +1,337 @@
+//! drover-libvirt against the real libvirtd and QEMU (TCG), called as GitLab Runner calls it
+//! (through the `drover` CLI's emulated runner, or the real runner when a binary is given).
+//! Every test skips with one line when libvirt or the test guest is missing, or fails where
+//! `DROVER_REQUIRE` names `libvirt` (CI); `tests/setup/libvirt.sh` sets both up.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use drover_test_support::require;
+use drover_test_support::setup::{DriverSetup, as_runner_calls, response};
+
+const DRIVER: &str = env!("CARGO_BIN_EXE_drover-libvirt");
+const URI: &str = "qemu:///system";
+const IMAGES: &str = "/var/cache/drover/images";
+/// The tests' storage pool, shared by every test (volumes are named by runner).
+const POOL: &str = "drover-test";
+const POOL_DIR: &str = "/var/cache/drover/libvirt-pool";
+
+/// `true` when libvirt answers and the test guest is built; else a skip (one line saying
+/// why), or a failure where `DROVER_REQUIRE` names `libvirt`.
+fn libvirt(test: &str) -> bool {
+    let answers = virsh(&["version"]).is_some();
+    let guest = std::path::Path::new(IMAGES).join("libvirt-guest.img");
+    let found = if !answers {
+        Err(format!(
+            "libvirt does not answer on {URI} (run tests/setup/libvirt.sh as root)"
+        ))
+    } else if !guest.is_file() {
+        Err(format!(
+            "no test guest {} (run tests/setup/libvirt.sh as root)",
+            guest.display()
+        ))
+    } else {
+        Ok(())
+    };
+    require::backend("libvirt", test, found).is_some()
+}
+
+fn virsh(args: &[&str]) -> Option<String> {
+    let output = Command::new("virsh")
+        .args(["-c", URI, "-q"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Settings for a runner of its own, so leftovers are attributable to one test; `driver` is
+/// more `[driver]` TOML.
+fn new_setup(test: &str, driver: &str) -> DriverSetup {
+    DriverSetup::new(DRIVER, test, Box::new(leftovers), |runner, state| {
+        format!(
+            "runner_name = \"{runner}\"\n\
+             [driver]\nstate_dir = {state:?}\npool = \"{POOL}\"\npool_dir = \"{POOL_DIR}\"\n\
+             vcpus = 1\nmemory = \"512MiB\"\ncache_size = \"64MiB\"\n{driver}\n\
+             [driver.images.\"debian:bookworm\"]\ndisk = \"{IMAGES}/libvirt-guest.img\"\n\
+             kernel = \"{IMAGES}/libvirt-guest.vmlinuz\"\ninitrd = \"{IMAGES}/libvirt-guest.initrd\"\n\
+             [driver.images.\"silent:1\"]\ndisk = \"{IMAGES}/libvirt-guest.img\"\n\
+             kernel = \"{IMAGES}/libvirt-guest.vmlinuz\"\ninitrd = \"{IMAGES}/libvirt-guest.initrd\"\n\
+             cmdline = \"console=ttyS0 root=/dev/vda rw init=/bin/false\"\n\
+             [policy]\ndefault_image = \"debian:bookworm\"\nallowed_images = [\"debian:*\", \"missing:*\", \"silent:*\"]\n"
+        )
+    })
+}
+
+/// What `runner` left: its domains, its job overlays in the pool (its cache disks stay, as a
+/// project's cache must), and its job directories.
+fn leftovers(runner: &str) -> Vec<String> {
+    let prefix = format!("drover-{runner}-");
+    let mut left: Vec<String> = virsh(&["list", "--all", "--name"])
+        .unwrap_or_default()
+        .lines()
+        .chain(
+            virsh(&["vol-list", POOL])
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|line| line.split_whitespace().next()),
+        )
+        .filter(|name| name.starts_with(&prefix) && !name.contains("-cache"))
+        .map(str::to_owned)
+        .collect();
+    left.sort();
+    left
+}
+
+/// Removes a setup's cache disks when the test ends, passed or failed.
+struct DropCaches<'a>(&'a DriverSetup);
+
+impl Drop for DropCaches<'_> {
+    fn drop(&mut self) {
+        drop_caches(self.0);
+    }
+}
+
+/// Removes `setup`'s cache disks once its test is done with them.
+fn drop_caches(setup: &DriverSetup) {
+    let prefix = format!("drover-{}-", setup.runner);
+    for line in virsh(&["vol-list", POOL]).unwrap_or_default().lines() {
+        if let Some(name) = line
+            .split_whitespace()
+            .next()
+            .filter(|n| n.starts_with(&prefix))
+        {
+            let _ = virsh(&["vol-delete", "--pool", POOL, name]);
+        }
+    }
+}
+
+#[test]
+fn passes_the_conformance_suite_and_leaves_nothing_behind_part_1() {
+    passes_part_of_the_conformance_suite(0);
+}
+
+#[test]
+fn passes_the_conformance_suite_and_leaves_nothing_behind_part_2() {
+    passes_part_of_the_conformance_suite(1);
+}
+
+#[test]
+fn passes_the_conformance_suite_and_leaves_nothing_behind_part_3() {
+    passes_part_of_the_conformance_suite(2);
+}
+
+/// Every third case of the suite from `part` on (the three parts together run all of them, the
+/// hostile group included), each passing, and nothing left afterwards.
+fn passes_part_of_the_conformance_suite(part: usize) {
+    let test = format!(
+        "passes_the_conformance_suite_and_leaves_nothing_behind_part_{}",
+        part + 1
+    );
+    if !libvirt(&test) {
+        return;
+    }
+    let setup = new_setup(&format!("conf{}", part + 1), "domain_type = \"qemu\"");
+    // The cache disks stay (a project's cache must); the runner is this test's alone.
+    let dropped = DropCaches(&setup);
+    drover_test_support::setup::expect_conformance_part(dropped.0, part, 3);
+}
+
+#[test]
+fn a_missing_base_disk_and_an_unmapped_image_are_one_line_system_failures() {
+    if !libvirt("a_missing_base_disk_and_an_unmapped_image_are_one_line_system_failures") {
+        return;
+    }
+    let setup = new_setup(
+        "nodisk",
+        &format!(
+            "domain_type = \"qemu\"\n[driver.images.\"missing:1\"]\ndisk = \"{IMAGES}/no-such-disk.img\""
+        ),
+    );
+    let (ok, log) = setup.run_job("x:\n  image: missing:1\n  script: [echo never]\n", &[]);
+    assert!(!ok);
+    assert!(
+        log.contains("the base disk /var/cache/drover/images/no-such-disk.img cannot be read"),
+        "{log}"
+    );
+    assert!(log.contains("result: runner_system_failure"), "{log}");
+    let (ok, log) = setup.run_job("x:\n  image: debian:trixie\n  script: [echo never]\n", &[]);
+    assert!(!ok);
+    assert!(
+        log.contains("no [driver.images] entry maps the job's image \"debian:trixie\""),
+        "{log}"
+    );
+    assert!(!log.contains("never\n"), "{log}");
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_guest_that_never_answers_fails_within_boot_secs_with_its_console_and_leaves_nothing() {
+    let test =
+        "a_guest_that_never_answers_fails_within_boot_secs_with_its_console_and_leaves_nothing";
+    if !libvirt(test) {
+        return;
+    }
+    let setup = new_setup("silent", "domain_type = \"qemu\"\nboot_secs = 25");
+    let started = Instant::now();
+    let (ok, log) = setup.run_job("x:\n  image: silent:1\n  script: [echo never]\n", &[]);
+    drop_caches(&setup);
+    assert!(!ok);
+    assert!(
+        log.contains("did not answer on its stage channel within 25 s (boot_secs)"),
+        "{log}"
+    );
+    // init=/bin/false: the kernel says why the guest never came up.
+    assert!(log.contains("console: "), "{log}");
+    assert!(log.contains("Kernel panic"), "{log}");
+    assert!(log.contains("result: runner_system_failure"), "{log}");
+    // Prepare is tried three times by the runner (§5.1), each bounded.
+    assert!(
+        started.elapsed() < Duration::from_secs(3 * 25 + 60),
+        "{log}"
+    );
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_driver_killed_during_prepare_is_cleaned_up_by_cleanup() {
+    let test = "a_driver_killed_during_prepare_is_cleaned_up_by_cleanup";
+    if !libvirt(test) {
+        return;
+    }
+    let setup = new_setup("killed", "domain_type = \"qemu\"");
+    let job = response(99301, 7);
+    let dir = setup.dir.path().join("custom-executor1");
+    std::fs::create_dir_all(&dir).expect("job dir");
+    std::fs::write(dir.join("response.json"), &job).expect("response");
+    let mut prepare = Command::new(DRIVER);
+    prepare.arg("--config").arg(setup.settings()).arg("prepare");
+    let mut child = as_runner_calls(&mut prepare, &dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prepare runs");
+    let domain = format!("drover-{}-p7-j99301", setup.runner);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !leftovers(&setup.runner).contains(&domain) {
+        assert!(Instant::now() < deadline, "prepare made no domain in 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    assert!(!setup.leftovers().is_empty());
+    let cleanup = setup.stage(&job, &["cleanup"]);
+    assert!(
+        cleanup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cleanup.stderr)
+    );
+    drop_caches(&setup);
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+    assert!(!setup.state_dir().join("jobs").join(&domain).exists());
+}
+
+#[test]
+fn a_vm_that_powers_off_during_a_stage_is_a_system_failure_with_its_console() {
+    let test = "a_vm_that_powers_off_during_a_stage_is_a_system_failure_with_its_console";
+    if !libvirt(test) {
+        return;
+    }
+    let setup = new_setup("poweroff", "domain_type = \"qemu\"");
+    let (ok, log) = setup.run_job(
+        "x:\n  script: [echo \"before $((6*7))\", echo o > /proc/sysrq-trigger, sleep 60]\n",
+        &[],
+    );
+    drop_caches(&setup);
+    assert!(!ok);
+    assert!(log.contains("\nbefore 42"), "{log}");
+    assert!(log.contains("stopped while the stage ran"), "{log}");
+    assert!(log.contains("result: runner_system_failure"), "{log}");
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn caches_are_per_runner_and_per_project_and_survive_the_vm() {
+    let test = "caches_are_per_runner_and_per_project_and_survive_the_vm";
+    if !libvirt(test) {
+        return;
+    }
+    let setup = new_setup("cacheiso", "domain_type = \"qemu\"");
+    let other = new_setup("cacheisob", "domain_type = \"qemu\"");
+    drover_test_support::setup::expect_caches_per_runner_and_project(&setup, &other);
+    drop_caches(&setup);
+    drop_caches(&other);
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn gc_removes_only_expired_jobs_and_doctor_reports_libvirt_and_the_domain_type() {
+    let test = "gc_removes_only_expired_jobs_and_doctor_reports_libvirt_and_the_domain_type";
+    if !libvirt(test) {
+        return;
+    }
+    // domain_type "auto": the first prepare test-boots under KVM if libvirt offers it.
+    let setup = new_setup("gc", "");
+    setup.abandon_an_expired_job();
+    let domain = format!("drover-{}-p5-j99001", setup.runner);
+    assert_eq!(
+        setup.leftovers(),
+        vec![domain.clone(), format!("{domain}.qcow2")]
+    );
+    setup.expect_gc_removes(&domain);
+    drop_caches(&setup);
+    assert!(!setup.state_dir().join("jobs").join(&domain).exists());
+
+    let doctor = setup.driver(&["doctor"]);
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(doctor.status.success(), "{text}");
+    assert!(text.contains("ok   libvirt: libvirt "), "{text}");
+    assert!(
+        text.contains(&format!("ok   pool: {POOL} in {POOL_DIR}")),
+        "{text}"
+    );
+    // Either answer is right on some machine; the reason must say how it was found.
+    assert!(
+        text.contains("domain_type: kvm: a test boot under KVM")
+            || text.contains("domain_type: qemu: libvirt offers kvm, but a test boot")
+            || text.contains("domain_type: qemu: libvirt offers no kvm"),
+        "{text}"
+    );
+    let broken = new_setup(
+        "doctor",
+        "uri = \"qemu+unix:///system?socket=/nonexistent\"",
+    );
+    let doctor = broken.driver(&["doctor"]);
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(!doctor.status.success(), "{text}");
+    assert!(text.contains("cannot connect to libvirt"), "{text}");
+}
+
+#[test]
+fn the_real_runner_runs_jobs_with_their_exit_codes_and_leaves_nothing() {
+    let test = "the_real_runner_runs_jobs_with_their_exit_codes_and_leaves_nothing";
+    if !libvirt(test) {
+        return;
+    }
+    let Some(runner) = require::gitlab_runner(test) else {
+        return;
+    };
+    let runner = runner.to_string_lossy();
+    let setup = new_setup("realrunner", "domain_type = \"qemu\"");
+    let yaml = "ok:\n  script: [echo \"hello $((6*7))\"]\n\
+        fails:\n  script: [echo before, exit 3]\n  after_script: [echo \"after $((6*7))\"]\n";
+    let (_, log) = setup.run_job(yaml, &["--runner", "real", "--gitlab-runner", &runner]);
+    drop_caches(&setup);
+    assert!(log.contains("\nhello 42"), "{log}");
+    assert!(log.contains("\nafter 42"), "{log}");
+    assert!(log.contains("Job ok result: success"), "{log}");
+    assert!(
+        log.contains("Job fails result: script_failure (exit code 3)"),
+        "{log}"
+    );
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
