@@ -1,6 +1,6 @@
 //! A backend test without its backend. On a developer's machine it skips with one line saying
 //! how to set the backend up; where `DROVER_REQUIRE` names the backend (`.ci/run` sets
-//! `DROVER_REQUIRE=podman,docker,lxd`) it fails, so a broken setup or detection can never turn a
+//! `DROVER_REQUIRE=podman,docker,lxd,libvirt`) it fails, so a broken setup or detection can never turn a
 //! suite into silent passes.
 
 use std::io::Write;
@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use drover_harness::real::{GITLAB_RUNNER_BIN, find_gitlab_runner};
 
-/// Comma-separated backends whose tests must run: `podman`, `docker`, `lxd`, `gitlab-runner`.
+/// Comma-separated backends whose tests must run: `podman`, `docker`, `lxd`, `libvirt`, `gitlab-runner`.
 pub const DROVER_REQUIRE: &str = "DROVER_REQUIRE";
 
 /// Whether `DROVER_REQUIRE` names `backend`.

@@ -399,3 +399,31 @@ pub fn expect_caches_per_runner_and_project(setup: &DriverSetup, other_runner: &
         "another job wrote into this project's cache: {log}"
     );
 }
+
+/// Runs every `parts`-th case of the conformance suite from `part` on through `setup`, so that
+/// `parts` tests side by side run all of them (the hostile group included), and asserts that
+/// each passed and that the runner left nothing on the backend.
+pub fn expect_conformance_part(setup: &DriverSetup, part: usize, parts: usize) {
+    let cases: Vec<&str> = drover_harness::conformance::CASES
+        .into_iter()
+        .skip(part)
+        .step_by(parts)
+        .collect();
+    let mut args = vec!["conformance"];
+    for case in &cases {
+        args.extend(["--case", case]);
+    }
+    let (ok, log) = setup.drover(&args);
+    assert!(ok, "{log}");
+    assert!(
+        log.contains(&format!(
+            "{} passed, 0 failed, 0 not applicable",
+            cases.len()
+        )),
+        "{log}"
+    );
+    for case in cases {
+        assert!(log.contains(&format!("PASS {case} ")), "{log}");
+    }
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}

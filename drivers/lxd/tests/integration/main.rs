@@ -109,29 +109,8 @@ fn passes_part_of_the_conformance_suite(part: usize) {
     if !lxd(&test) {
         return;
     }
-    let cases: Vec<&str> = drover_harness::conformance::CASES
-        .into_iter()
-        .skip(part)
-        .step_by(3)
-        .collect();
     let setup = new_setup(&format!("conformance{}", part + 1), SOCKET, "");
-    let mut args = vec!["conformance"];
-    for case in &cases {
-        args.extend(["--case", case]);
-    }
-    let (ok, log) = setup.drover(&args);
-    assert!(ok, "{log}");
-    assert!(
-        log.contains(&format!(
-            "{} passed, 0 failed, 0 not applicable",
-            cases.len()
-        )),
-        "{log}"
-    );
-    for case in cases {
-        assert!(log.contains(&format!("PASS {case} ")), "{log}");
-    }
-    assert_eq!(setup.leftovers(), Vec::<String>::new());
+    drover_test_support::setup::expect_conformance_part(&setup, part, 3);
 }
 
 #[test]
