@@ -35,6 +35,9 @@ start_detached() {
             fd=${fd##*/}
             [ "$fd" -le 2 ] || eval "exec $fd>&-"
         done
+        # A daemon outlives the checkout it was started from: a working directory that is
+        # removed later breaks what it starts (conmon: "Failed to get working directory").
+        cd / || exit 1
         exec setsid nohup "$@" >>"$log" 2>&1 </dev/null
     ) &
     detached_pid=$!

@@ -77,6 +77,17 @@ fi
 #    leaving the other deaf. So start one only if the socket does not answer. A stale socket file
 #    from a killed service is harmless (the new service replaces it).
 ping() { curl -sf --max-time 2 --unix-socket "$SOCK_PATH" http://d/_ping >/dev/null 2>&1; }
+# A service started (by an older version of this script) from a checkout that was removed since
+# answers pings but cannot start a container: stop it, and start one from / below.
+for pid in $(pgrep -f "podman system service" || true); do
+    case $(readlink "/proc/$pid/cwd" 2>/dev/null) in
+    *" (deleted)")
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        echo "podman setup: stopped podman system service pid $pid (its working directory was removed)"
+        ;;
+    esac
+done
 if ping; then
     if $conf_changed; then
         echo "podman setup: WARNING: $conf changed but a podman service was already running on" \
