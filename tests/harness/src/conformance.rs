@@ -218,9 +218,20 @@ fn expect_result(report: &JobReport, want: &JobResult) -> Result<(), String> {
             JobResult::RunnerSystemFailure { reason } => format!(" ({reason})"),
             _ => String::new(),
         };
-        format!("result {}{reason}, want {want}", report.result)
+        // The log's last lines say why, which the result alone does not (a system failure's
+        // message is in the log).
+        let log = report.log_text();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n    ");
+        format!(
+            "result {}{reason}, want {want}; the job log ends:\n    {tail}",
+            report.result
+        )
     })
 }
+
+/// How many of a failed case's job log lines its report shows.
+const LOG_TAIL_LINES: usize = 12;
 
 fn log_has(report: &JobReport, needle: &[u8]) -> bool {
     report.log.windows(needle.len()).any(|w| w == needle)
