@@ -151,6 +151,22 @@ impl Check {
         }
     }
 
+    /// The check of a driver's `gitlab_runner_binary` setting: the binary given to job
+    /// environments whose image has none (§8, §10 item 14).
+    pub fn gitlab_runner_binary(binary: &std::path::Path) -> Check {
+        if binary.is_file() {
+            Check::ok("gitlab_runner_binary", binary.display().to_string())
+        } else {
+            Check::failed(
+                "gitlab_runner_binary",
+                format!(
+                    "{} is not a file; cache and artifacts would be skipped",
+                    binary.display()
+                ),
+            )
+        }
+    }
+
     /// A failing check; `fix` says what to do about it.
     pub fn failed(name: impl Into<String>, fix: impl Into<String>) -> Check {
         Check {

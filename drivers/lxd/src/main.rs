@@ -345,14 +345,7 @@ impl Driver for LxdDriver {
             });
         }
         if let Some(binary) = &self.settings.gitlab_runner_binary {
-            checks.push(if binary.is_file() {
-                Check::ok("gitlab_runner_binary", binary.display().to_string())
-            } else {
-                Check::failed(
-                    "gitlab_runner_binary",
-                    format!("{} is not a file", binary.display()),
-                )
-            });
+            checks.push(Check::gitlab_runner_binary(binary));
         }
         if lxd.is_local() {
             let cache = self.settings.state_dir.join("cache");

@@ -382,17 +382,7 @@ impl Driver for PodmanDriver {
             );
         }
         if let Some(binary) = &self.settings.gitlab_runner_binary {
-            checks.push(if binary.is_file() {
-                Check::ok("gitlab_runner_binary", binary.display().to_string())
-            } else {
-                Check::failed(
-                    "gitlab_runner_binary",
-                    format!(
-                        "{} is not a file; cache and artifacts would be skipped",
-                        binary.display()
-                    ),
-                )
-            });
+            checks.push(Check::gitlab_runner_binary(binary));
         }
         let cache = self.settings.state_dir.join("cache");
         checks.push(match std::fs::create_dir_all(&cache) {
