@@ -121,15 +121,18 @@ impl Libvirt {
         .await
     }
 
-    /// Defines a persistent domain from `xml` and starts it.
-    pub async fn define_and_start(&self, xml: String) -> Result<()> {
+    /// Defines a persistent domain from `xml` and starts it; returns its live XML (which names
+    /// what libvirt chose, such as the channel sockets).
+    pub async fn define_and_start(&self, xml: String) -> Result<String> {
         self.call(move |conn| {
             let domain = Domain::define_xml(conn, &xml)
                 .map_err(|e| failed("cannot define the domain", &e))?;
             domain
                 .create()
-                .map(|_| ())
-                .map_err(|e| failed("cannot start the domain", &e))
+                .map_err(|e| failed("cannot start the domain", &e))?;
+            domain
+                .get_xml_desc(0)
+                .map_err(|e| failed("cannot read the started domain", &e))
         })
         .await
     }
@@ -154,17 +157,6 @@ impl Libvirt {
                 .map_err(|e| failed(&format!("domain {name}"), &e)),
             Err(err) if is_missing(&err) => Ok(None),
             Err(err) => Err(failed(&format!("domain {name}"), &err)),
-        })
-        .await
-    }
-
-    /// The live XML of domain `name`.
-    pub async fn xml(&self, name: &str) -> Result<String> {
-        let name = name.to_owned();
-        self.call(move |conn| {
-            Domain::lookup_by_name(conn, &name)
-                .and_then(|domain| domain.get_xml_desc(0))
-                .map_err(|e| failed(&format!("domain {name}"), &e))
         })
         .await
     }

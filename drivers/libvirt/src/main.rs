@@ -237,11 +237,12 @@ impl Driver for LibvirtDriver {
             }
         }
         let lv = Libvirt::connect(&self.settings.uri).await?;
-        progress!("Using {} at {}", lv.describe().await?, lv.uri);
+        let version = lv.describe().await?;
+        progress!("Using {version} at {}", lv.uri);
         let name = job.names().job();
         // A domain of the same name can only be left from an earlier attempt (§5.1).
         self.remove(&lv, &name).await?;
-        let domain_type = self.domain_type(&lv, image).await?;
+        let domain_type = self.domain_type(&lv, image, &version).await?;
         self.pool(&lv).await?;
         let overlay = lv
             .ensure_volume(
@@ -305,9 +306,8 @@ impl Driver for LibvirtDriver {
             spec.vcpus,
             spec.memory_kib / 1024
         );
-        lv.define_and_start(spec.render(&self.template)).await?;
+        let xml = lv.define_and_start(spec.render(&self.template)).await?;
         let booted = Instant::now();
-        let xml = lv.xml(&name).await?;
         let [ctl, out, err] = domain::channel_sockets(&xml).ok_or_else(|| {
             Error::system(format!(
                 "VM {name} has no org.drover.* channels (does [driver] domain_template keep @CHANNELS@?)"
@@ -457,10 +457,11 @@ impl Driver for LibvirtDriver {
             Ok(lv) => lv,
             Err(err) => return Ok(vec![Check::failed("libvirt", err.to_string())]),
         };
-        let mut checks = vec![match lv.describe().await {
-            Ok(version) => Check::ok("libvirt", format!("{version} at {}", lv.uri)),
+        let version = match lv.describe().await {
+            Ok(version) => version,
             Err(err) => return Ok(vec![Check::failed("libvirt", err.to_string())]),
-        }];
+        };
+        let mut checks = vec![Check::ok("libvirt", format!("{version} at {}", lv.uri))];
         checks.push(match self.pool(&lv).await {
             Ok(dir) => Check::ok("pool", format!("{} in {dir}", self.settings.pool)),
             Err(err) => Check::failed("pool", err.to_string()),
@@ -481,7 +482,7 @@ impl Driver for LibvirtDriver {
         }
         let image = self.settings.images.values().find(|i| i.kernel.is_some());
         checks.push(match image {
-            Some(image) => match self.domain_type(&lv, image).await {
+            Some(image) => match self.domain_type(&lv, image, &version).await {
                 Ok(found) => Check::ok(
                     "domain_type",
                     format!("{found}: {}", self.domain_type_reason()),
@@ -497,14 +498,7 @@ impl Driver for LibvirtDriver {
             ),
         });
         if let Some(binary) = &self.settings.gitlab_runner_binary {
-            checks.push(if binary.is_file() {
-                Check::ok("gitlab_runner_binary", binary.display().to_string())
-            } else {
-                Check::failed(
-                    "gitlab_runner_binary",
-                    format!("{} is not a file", binary.display()),
-                )
-            });
+            checks.push(Check::gitlab_runner_binary(binary));
         }
         Ok(checks)
     }
@@ -688,7 +682,8 @@ impl LibvirtDriver {
     /// The domain type: the operator's, or (`auto`) `kvm` if libvirt offers it and a test boot
     /// under it shows the kernel running, else `qemu`. The answer is kept in the state dir
     /// for this libvirt, QEMU and kernel.
-    async fn domain_type(&self, lv: &Libvirt, image: &Image) -> Result<String> {
+    /// `version` is [`Libvirt::describe`]'s answer, which the caller has already asked for.
+    async fn domain_type(&self, lv: &Libvirt, image: &Image, version: &str) -> Result<String> {
         if self.settings.domain_type != "auto" {
             return Ok(self.settings.domain_type.clone());
         }
@@ -696,7 +691,7 @@ impl LibvirtDriver {
             // Nothing to test-boot quickly: KVM when offered.
             return Ok(if lv.lists_kvm().await? { "kvm" } else { "qemu" }.into());
         };
-        let key = format!("{} {}", lv.describe().await?, kernel.display());
+        let key = format!("{version} {}", kernel.display());
         let cache = self.settings.state_dir.join("domain-type");
         if let Ok(text) = std::fs::read_to_string(&cache) {
             if let Some((found, reason)) = text
@@ -793,7 +788,7 @@ impl LibvirtDriver {
                 .await?;
             while started.elapsed() < Duration::from_secs(PROBE_SECS) {
                 let text = std::fs::read(&log).unwrap_or_default();
-                if memchr_str(&text, b"Linux version") {
+                if memchr::memmem::find(&text, b"Linux version").is_some() {
                     return Ok(Some(started.elapsed().as_secs_f64()));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -810,10 +805,6 @@ impl LibvirtDriver {
 /// How long the domain type probe waits for the kernel's banner (under TCG it comes in about
 /// a second; the emulated KVM of nested sandboxes takes over a minute, or never).
 const PROBE_SECS: u64 = 15;
-
-fn memchr_str(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
 
 /// A base image's disk: its format and virtual size, read from its header.
 struct BaseDisk {
@@ -837,7 +828,6 @@ impl BaseDisk {
         if read == header.len() && header.starts_with(b"QFI\xfb") {
             let mut size = [0u8; 8];
             size.copy_from_slice(&header[24..32]);
-            file.seek(SeekFrom::Start(0)).map_err(missing)?;
             return Ok(BaseDisk {
                 path: path.to_owned(),
                 format: "qcow2",

@@ -37,8 +37,8 @@
 //! - A transport of a VM driver fits [`Transport`] as it is: over SSH it is a
 //!   [`PerStageExec`] whose [`Exec`] opens a channel on the job's connection (one connection
 //!   per job, a channel per stage; cancel is an `agent signal` on another channel); over
-//!   virtio-serial it is a transport whose `deliver` writes `run NONCE LENGTH` and the script
-//!   to a control port read by an agent in the guest, and whose output is the two ports the
+//!   virtio-serial (drover-libvirt's) it is a transport whose `deliver` writes
+//!   `run NONCE SHELL AGENTLEN SCRIPTLEN`, [`AGENT`] and the script to a control port read by an agent in the guest, and whose output is the two ports the
 //!   agent writes the stage's streams to. Such ports outlive a stage: what a late writer of an
 //!   earlier stage leaves in them comes before the start line, and is discarded (bounded).
 //!

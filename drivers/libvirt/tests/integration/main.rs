@@ -87,25 +87,21 @@ fn leftovers(runner: &str) -> Vec<String> {
     left
 }
 
-/// Removes a setup's cache disks when the test ends, passed or failed.
+/// Removes a setup's cache disks when the test ends, passed or failed: they stay after a job (a
+/// project's cache must), and the runner is the test's alone.
 struct DropCaches<'a>(&'a DriverSetup);
 
 impl Drop for DropCaches<'_> {
     fn drop(&mut self) {
-        drop_caches(self.0);
-    }
-}
-
-/// Removes `setup`'s cache disks once its test is done with them.
-fn drop_caches(setup: &DriverSetup) {
-    let prefix = format!("drover-{}-", setup.runner);
-    for line in virsh(&["vol-list", POOL]).unwrap_or_default().lines() {
-        if let Some(name) = line
-            .split_whitespace()
-            .next()
-            .filter(|n| n.starts_with(&prefix))
-        {
-            let _ = virsh(&["vol-delete", "--pool", POOL, name]);
+        let prefix = format!("drover-{}-", self.0.runner);
+        for line in virsh(&["vol-list", POOL]).unwrap_or_default().lines() {
+            if let Some(name) = line
+                .split_whitespace()
+                .next()
+                .filter(|n| n.starts_with(&prefix))
+            {
+                let _ = virsh(&["vol-delete", "--pool", POOL, name]);
+            }
         }
     }
 }
@@ -136,9 +132,8 @@ fn passes_part_of_the_conformance_suite(part: usize) {
         return;
     }
     let setup = new_setup(&format!("conf{}", part + 1), "domain_type = \"qemu\"");
-    // The cache disks stay (a project's cache must); the runner is this test's alone.
-    let dropped = DropCaches(&setup);
-    drover_test_support::setup::expect_conformance_part(dropped.0, part, 3);
+    let _caches = DropCaches(&setup);
+    drover_test_support::setup::expect_conformance_part(&setup, part, 3);
 }
 
 #[test]
@@ -177,9 +172,9 @@ fn a_guest_that_never_answers_fails_within_boot_secs_with_its_console_and_leaves
         return;
     }
     let setup = new_setup("silent", "domain_type = \"qemu\"\nboot_secs = 25");
+    let _caches = DropCaches(&setup);
     let started = Instant::now();
     let (ok, log) = setup.run_job("x:\n  image: silent:1\n  script: [echo never]\n", &[]);
-    drop_caches(&setup);
     assert!(!ok);
     assert!(
         log.contains("did not answer on its stage channel within 25 s (boot_secs)"),
@@ -204,6 +199,7 @@ fn a_driver_killed_during_prepare_is_cleaned_up_by_cleanup() {
         return;
     }
     let setup = new_setup("killed", "domain_type = \"qemu\"");
+    let _caches = DropCaches(&setup);
     let job = response(99301, 7);
     let dir = setup.dir.path().join("custom-executor1");
     std::fs::create_dir_all(&dir).expect("job dir");
@@ -230,7 +226,6 @@ fn a_driver_killed_during_prepare_is_cleaned_up_by_cleanup() {
         "{}",
         String::from_utf8_lossy(&cleanup.stderr)
     );
-    drop_caches(&setup);
     assert_eq!(setup.leftovers(), Vec::<String>::new());
     assert!(!setup.state_dir().join("jobs").join(&domain).exists());
 }
@@ -242,11 +237,11 @@ fn a_vm_that_powers_off_during_a_stage_is_a_system_failure_with_its_console() {
         return;
     }
     let setup = new_setup("poweroff", "domain_type = \"qemu\"");
+    let _caches = DropCaches(&setup);
     let (ok, log) = setup.run_job(
         "x:\n  script: [echo \"before $((6*7))\", echo o > /proc/sysrq-trigger, sleep 60]\n",
         &[],
     );
-    drop_caches(&setup);
     assert!(!ok);
     assert!(log.contains("\nbefore 42"), "{log}");
     assert!(log.contains("stopped while the stage ran"), "{log}");
@@ -261,10 +256,10 @@ fn caches_are_per_runner_and_per_project_and_survive_the_vm() {
         return;
     }
     let setup = new_setup("cacheiso", "domain_type = \"qemu\"");
+    let _caches = DropCaches(&setup);
     let other = new_setup("cacheisob", "domain_type = \"qemu\"");
+    let _other_caches = DropCaches(&other);
     drover_test_support::setup::expect_caches_per_runner_and_project(&setup, &other);
-    drop_caches(&setup);
-    drop_caches(&other);
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
 
@@ -276,6 +271,7 @@ fn gc_removes_only_expired_jobs_and_doctor_reports_libvirt_and_the_domain_type()
     }
     // domain_type "auto": the first prepare test-boots under KVM if libvirt offers it.
     let setup = new_setup("gc", "");
+    let _caches = DropCaches(&setup);
     setup.abandon_an_expired_job();
     let domain = format!("drover-{}-p5-j99001", setup.runner);
     assert_eq!(
@@ -283,7 +279,6 @@ fn gc_removes_only_expired_jobs_and_doctor_reports_libvirt_and_the_domain_type()
         vec![domain.clone(), format!("{domain}.qcow2")]
     );
     setup.expect_gc_removes(&domain);
-    drop_caches(&setup);
     assert!(!setup.state_dir().join("jobs").join(&domain).exists());
 
     let doctor = setup.driver(&["doctor"]);
@@ -322,10 +317,10 @@ fn the_real_runner_runs_jobs_with_their_exit_codes_and_leaves_nothing() {
     };
     let runner = runner.to_string_lossy();
     let setup = new_setup("realrunner", "domain_type = \"qemu\"");
+    let _caches = DropCaches(&setup);
     let yaml = "ok:\n  script: [echo \"hello $((6*7))\"]\n\
         fails:\n  script: [echo before, exit 3]\n  after_script: [echo \"after $((6*7))\"]\n";
     let (_, log) = setup.run_job(yaml, &["--runner", "real", "--gitlab-runner", &runner]);
-    drop_caches(&setup);
     assert!(log.contains("\nhello 42"), "{log}");
     assert!(log.contains("\nafter 42"), "{log}");
     assert!(log.contains("Job ok result: success"), "{log}");
