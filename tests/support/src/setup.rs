@@ -179,6 +179,94 @@ impl DriverSetup {
         )
     }
 
+    /// Runs a long job through `drover run-job`, presses Ctrl-C (SIGINT to drover) once the
+    /// script is under way, and returns the whole log.
+    pub fn run_and_interrupt(&self, runner: &[&str]) -> String {
+        use std::io::{BufRead, BufReader};
+        let mut child = self
+            .run_job_command(
+                "long:\n  script:\n    - for i in $(seq 1 600); do echo tick $i; sleep 0.5; done\n  after_script:\n    - echo after_script ran\n",
+                runner,
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("drover runs");
+        let stdout = child.stdout.take().expect("stdout");
+        let (lines, received) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        let mut log = String::new();
+        let mut interrupted = false;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while let Ok(line) =
+            received.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if !interrupted && line.contains("tick 3") {
+                kill(pid, Signal::SIGINT).expect("SIGINT");
+                interrupted = true;
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        let status = child.wait().expect("drover exits");
+        assert!(interrupted, "the script never started: {log}");
+        assert!(!status.success(), "{log}");
+        log
+    }
+
+    /// Runs the pipeline `yaml` with this driver through `mode` against `coordinator`, bounded
+    /// by `bound`; every job must succeed. Returns their logs, one after the other.
+    pub async fn expect_pipeline_succeeds(
+        &self,
+        yaml: &str,
+        mode: &drover_harness::pipeline::RunnerMode,
+        coordinator: &drover_harness::Coordinator,
+        bound: Duration,
+    ) -> String {
+        use drover_harness::pipeline::{PipelineOutcome, run_pipeline};
+        use drover_harness::{CancelHandle, Driver, Hooks, JobResult, job::JobFile};
+        let file = JobFile::parse(yaml).expect("job file");
+        let jobs = file.jobs_in_stage_order();
+        let driver = Driver::new(&self.driver)
+            .arg("--config")
+            .arg(self.settings());
+        let (hooks, cancel) = (Hooks::default(), CancelHandle::new());
+        let pipeline = run_pipeline(
+            &file,
+            &jobs,
+            &driver,
+            mode,
+            coordinator,
+            None,
+            &hooks,
+            &cancel,
+        );
+        let outcome = tokio::time::timeout(bound, pipeline)
+            .await
+            .expect("the pipeline finished in time");
+        let mut logs = String::new();
+        for job in &outcome {
+            let log = match &job.outcome {
+                PipelineOutcome::Finished(report) => report.log_text().into_owned(),
+                other => format!("{other:?}"),
+            };
+            assert_eq!(
+                job.result(),
+                Some(&JobResult::Success),
+                "{}: {log}",
+                job.name
+            );
+            logs += &log;
+        }
+        logs
+    }
+
     /// Calls the driver's stage `args` (e.g. `["prepare"]`) as the runner would, for the job
     /// whose `JOB_RESPONSE_FILE` is `response`.
     pub fn stage(&self, response: &str, args: &[&str]) -> Output {

@@ -181,10 +181,9 @@ fn a_missing_socket_and_an_unknown_image_are_clear_system_failures() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn artifacts_upload_from_an_image_that_had_no_gitlab_runner() {
+    use drover_harness::RunnerOptions;
     use drover_harness::coordinator::Coordinator;
-    use drover_harness::job::JobFile;
-    use drover_harness::pipeline::{PipelineOutcome, RunnerMode, run_pipeline};
-    use drover_harness::{CancelHandle, Driver, Hooks, JobResult, RunnerOptions};
+    use drover_harness::pipeline::RunnerMode;
 
     let test = "artifacts_upload_from_an_image_that_had_no_gitlab_runner";
     if !lxd(test) {
@@ -213,36 +212,14 @@ async fn artifacts_upload_from_an_image_that_had_no_gitlab_runner() {
     let yaml = "stages: [build, test]\n\
         build:\n  stage: build\n  script: [mkdir -p out, echo \"built by $CI_JOB_ID\" > out/result.txt]\n  artifacts: {paths: [out/]}\n\
         test:\n  stage: test\n  script: [cat out/result.txt]\n";
-    let file = JobFile::parse(yaml).expect("job file");
-    let jobs = file.jobs_in_stage_order();
-    let driver = Driver::new(DRIVER).arg("--config").arg(setup.settings());
-    let outcome = tokio::time::timeout(
-        std::time::Duration::from_secs(300),
-        run_pipeline(
-            &file,
-            &jobs,
-            &driver,
+    setup
+        .expect_pipeline_succeeds(
+            yaml,
             &RunnerMode::Emulated(RunnerOptions::default()),
             &coordinator,
-            None,
-            &Hooks::default(),
-            &CancelHandle::new(),
-        ),
-    )
-    .await
-    .expect("the pipeline finished in time");
-    for job in &outcome {
-        let log = match &job.outcome {
-            PipelineOutcome::Finished(report) => report.log_text().into_owned(),
-            other => format!("{other:?}"),
-        };
-        assert_eq!(
-            job.result(),
-            Some(&JobResult::Success),
-            "{}: {log}",
-            job.name
-        );
-    }
+            std::time::Duration::from_secs(300),
+        )
+        .await;
     let uploads: Vec<_> = coordinator
         .requests()
         .into_iter()

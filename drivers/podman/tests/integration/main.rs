@@ -429,47 +429,6 @@ fn sources_come_through_the_helper_into_a_user_image_without_git(engine: &Engine
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
 
-/// Runs a long job through `drover run-job`, presses Ctrl-C (SIGINT to drover) once the
-/// script is under way, and returns the whole log.
-fn run_and_interrupt(setup: &DriverSetup, runner: &[&str]) -> String {
-    use std::io::{BufRead, BufReader};
-    let mut child = setup
-        .run_job_command(
-            "long:\n  script:\n    - for i in $(seq 1 600); do echo tick $i; sleep 0.5; done\n  after_script:\n    - echo after_script ran\n",
-            runner,
-        )
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("drover runs");
-    let stdout = child.stdout.take().expect("stdout");
-    let (lines, received) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-    let mut log = String::new();
-    let mut interrupted = false;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while let Ok(line) =
-        received.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-    {
-        if !interrupted && line.contains("tick 3") {
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
-            interrupted = true;
-        }
-        log.push_str(&line);
-        log.push('\n');
-    }
-    let status = child.wait().expect("drover exits");
-    assert!(interrupted, "the script never started: {log}");
-    assert!(!status.success(), "{log}");
-    log
-}
-
 fn ctrl_c_cancels_the_job_after_script_runs_and_nothing_is_left(engine: &Engine) {
     let setup = new_setup("ctrlc", engine, "network_mode = \"none\"", "");
     let mut runners = vec![vec!["--runner".to_owned(), "emulated".to_owned()]];
@@ -483,7 +442,7 @@ fn ctrl_c_cancels_the_job_after_script_runs_and_nothing_is_left(engine: &Engine)
     }
     for runner in runners {
         let args: Vec<&str> = runner.iter().map(String::as_str).collect();
-        let log = run_and_interrupt(&setup, &args);
+        let log = setup.run_and_interrupt(&args);
         assert!(
             log.contains("Job long result: canceled"),
             "{runner:?}: {log}"
