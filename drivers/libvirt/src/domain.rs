@@ -30,6 +30,22 @@ pub struct Disk {
     pub read_only: bool,
 }
 
+impl Disk {
+    /// Its `<disk>` element, for a template or a hot-plug.
+    pub fn xml(&self) -> String {
+        format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='{}' discard='unmap'/><source file='{}'/><target dev='{}' bus='virtio'/>{}{}</disk>",
+            self.format,
+            escape(&self.path),
+            self.target,
+            self.serial
+                .map(|serial| format!("<serial>{serial}</serial>"))
+                .unwrap_or_default(),
+            if self.read_only { "<readonly/>" } else { "" },
+        )
+    }
+}
+
 /// How the guest boots: its own boot loader, or a kernel given directly.
 #[derive(Debug, Clone, Default)]
 pub struct Boot {
@@ -113,22 +129,7 @@ impl Spec {
         } else {
             ""
         };
-        let disks: String = self
-            .disks
-            .iter()
-            .map(|disk| {
-                format!(
-                    "<disk type='file' device='disk'><driver name='qemu' type='{}' discard='unmap'/><source file='{}'/><target dev='{}' bus='virtio'/>{}{}</disk>",
-                    disk.format,
-                    escape(&disk.path),
-                    disk.target,
-                    disk.serial
-                        .map(|serial| format!("<serial>{serial}</serial>"))
-                        .unwrap_or_default(),
-                    if disk.read_only { "<readonly/>" } else { "" },
-                )
-            })
-            .collect();
+        let disks: String = self.disks.iter().map(Disk::xml).collect();
         let interface = match &self.network {
             Network::User => "<interface type='user'><model type='virtio'/></interface>".to_owned(),
             Network::Libvirt(network) => format!(
@@ -151,12 +152,7 @@ impl Spec {
             "<serial type='pty'><log file='{}' append='off'/><target port='0'/></serial><console type='pty'><target type='serial' port='0'/></console>",
             escape(&self.console_log)
         );
-        let labels: String = self
-            .labels
-            .iter()
-            .map(|(key, value)| format!(" {}='{}'", attribute_name(key), escape(value)))
-            .collect();
-        let metadata = format!("<drover:labels xmlns:drover='{METADATA_NS}'{labels}/>");
+        let metadata = labels_element(&self.labels, true);
         [
             ("@TYPE@", escape(&self.domain_type)),
             ("@NAME@", escape(&self.name)),
@@ -180,6 +176,20 @@ impl Spec {
 /// The placeholders a template must have for the driver to work.
 pub const REQUIRED_PLACEHOLDERS: [&str; 5] =
     ["@NAME@", "@METADATA@", "@DISKS@", "@CHANNELS@", "@CONSOLE@"];
+
+/// drover's metadata element holding `labels` as attributes: with its namespace for a
+/// template, without it for `virDomainSetMetadata` (which is given the namespace apart).
+pub fn labels_element(labels: &BTreeMap<String, String>, with_namespace: bool) -> String {
+    let attributes: String = labels
+        .iter()
+        .map(|(key, value)| format!(" {}='{}'", attribute_name(key), escape(value)))
+        .collect();
+    if with_namespace {
+        format!("<drover:labels xmlns:drover='{METADATA_NS}'{attributes}/>")
+    } else {
+        format!("<labels{attributes}/>")
+    }
+}
 
 /// `drover.runner` → `runner`: the attribute of the label in drover's metadata element.
 fn attribute_name(label: &str) -> &str {

@@ -198,6 +198,49 @@ impl Libvirt {
         .await
     }
 
+    /// Replaces drover's labels of domain `name`, in the running domain and its definition.
+    pub async fn set_labels(
+        &self,
+        name: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        let name = name.to_owned();
+        let element = crate::domain::labels_element(labels, false);
+        self.call(move |conn| {
+            let domain = Domain::lookup_by_name(conn, &name)
+                .map_err(|e| failed(&format!("domain {name}"), &e))?;
+            domain
+                .set_metadata(
+                    sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                    Some(&element),
+                    Some("drover"),
+                    Some(METADATA_NS),
+                    sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG,
+                )
+                .map(|_| ())
+                .map_err(|e| failed(&format!("cannot label domain {name}"), &e))
+        })
+        .await
+    }
+
+    /// Plugs the device of `xml` into running domain `name` (and its definition, so undefining
+    /// the domain forgets it too).
+    pub async fn attach(&self, name: &str, xml: String) -> Result<()> {
+        let name = name.to_owned();
+        self.call(move |conn| {
+            let domain = Domain::lookup_by_name(conn, &name)
+                .map_err(|e| failed(&format!("domain {name}"), &e))?;
+            domain
+                .attach_device_flags(
+                    &xml,
+                    sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG,
+                )
+                .map(|_| ())
+                .map_err(|e| failed(&format!("cannot plug a disk into domain {name}"), &e))
+        })
+        .await
+    }
+
     /// Every domain with drover labels, running or not.
     pub async fn drover_domains(&self) -> Result<Vec<Listed>> {
         self.call(|conn| {

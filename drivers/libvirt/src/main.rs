@@ -2,12 +2,13 @@
 //! (the `virt` crate) and QEMU. Section numbers (§) refer to `contract.md`.
 //!
 //! Per job one persistent domain, `drover-<runner>-p<project>-j<job>`, named from the job's
-//! trusted identity and labelled in its `<metadata>` (runner, project, job, expiry, cache) for
-//! `gc`. Its root disk is a qcow2 overlay on the operator's base image, in a storage pool of the
-//! driver's; the guest boots (directly from a kernel, or from the image's own boot loader), and
-//! stages go through the core's stage channel over virtio-serial to `drover-guest-agent` (see
-//! `channel` for why not SSH). The cache is a disk volume per runner and project (§8), never a
-//! host directory: no file the job makes is ever looked at by the host (see the README).
+//! trusted identity (or a VM booted ahead and handed to it, see `ready`), and labelled in its
+//! `<metadata>` (runner, project, job, expiry, cache) for `gc`. Its root disk is a qcow2 overlay
+//! on the operator's base image, in a storage pool of the driver's; the guest boots (directly
+//! from a kernel, or from the image's own boot loader), and stages go through the core's stage
+//! channel over virtio-serial to `drover-guest-agent` (see `channel` for why not SSH). The
+//! cache is a disk volume per runner and project (§8), never a host directory: no file the job
+//! makes is ever looked at by the host (see the README).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 mod channel;
 mod domain;
 mod libvirt;
+mod ready;
 
 use channel::{Serial, Sockets};
 use domain::{Boot, Disk, Network, Spec};
@@ -103,6 +105,15 @@ struct LibvirtSettings {
     /// cache and artifacts are never silently skipped (§8, §10 item 14).
     #[serde(default)]
     gitlab_runner_binary: Option<PathBuf>,
+    /// TCP ports of the host's loopback that appear on each VM's 127.0.0.1 as well (with
+    /// `network = "user"`), e.g. a GitLab or a proxy the runner host serves locally: the job's
+    /// `gitlab-runner` uploads artifacts to the URL the runner has, which may be 127.0.0.1.
+    #[serde(default)]
+    forward_ports: Vec<u16>,
+    /// How many booted VMs to keep ready per job image, each handed to one job at prepare
+    /// (see `ready`); 0 boots a VM per job.
+    #[serde(default)]
+    idle_count: usize,
     /// How long prepare waits for a new VM's stage agent to answer.
     #[serde(default = "default_boot_secs")]
     boot_secs: u64,
@@ -164,6 +175,12 @@ impl Driver for LibvirtDriver {
                 driver.network
             ))
         })?;
+        if !driver.forward_ports.is_empty() && network != Network::User {
+            return Err(Error::system(format!(
+                "[driver] forward_ports needs network = \"user\" (the host's loopback is 10.0.2.2 there), not {:?}",
+                driver.network
+            )));
+        }
         if !["auto", "kvm", "qemu"].contains(&driver.domain_type.as_str()) {
             return Err(Error::system(format!(
                 "[driver] domain_type {:?} is none of \"auto\", \"kvm\", \"qemu\"",
@@ -244,103 +261,101 @@ impl Driver for LibvirtDriver {
         self.remove(&lv, &name).await?;
         let domain_type = self.domain_type(&lv, image, &version).await?;
         self.pool(&lv).await?;
-        let overlay = lv
-            .ensure_volume(
-                &self.settings.pool,
-                &overlay_volume(&name),
-                base.overlay_xml(&overlay_volume(&name)),
-            )
-            .await?;
-        let job_dir = self.job_dir(&name);
-        std::fs::create_dir_all(&job_dir)
-            .or_system(format_args!("cannot create {}", job_dir.display()))?;
-        let (cache_volume, cache_path) = self.cache_disk(&lv, job).await?;
-        let mut disks = vec![
-            Disk {
-                path: overlay,
-                format: "qcow2",
-                target: "vda",
-                serial: None,
-                read_only: false,
-            },
-            Disk {
-                path: cache_path,
-                format: "raw",
-                target: "vdb",
-                serial: Some("drover-cache"),
-                read_only: false,
-            },
-        ];
-        let helper = self.helper_disk()?;
-        if let Some((path, _)) = &helper {
-            disks.push(Disk {
-                path: path.display().to_string(),
-                format: "raw",
-                target: "vdc",
-                serial: Some("drover-helper"),
-                read_only: true,
-            });
-        }
-        let mut labels = job.labels();
-        labels.insert(LABEL_CACHE.into(), cache_volume);
-        let spec = Spec {
-            domain_type: domain_type.clone(),
-            name: name.clone(),
-            labels,
-            memory_kib: resources.memory_bytes.unwrap_or(self.memory_bytes) / 1024,
+        let default_memory_kib = self.memory_bytes / 1024;
+        let launch = Launch {
+            image_name: &requested,
+            image,
+            base: &base,
+            domain_type,
+            memory_kib: resources
+                .memory_bytes
+                .map_or(default_memory_kib, |b| b / 1024),
             vcpus: resources
                 .cpus
                 .map_or(self.settings.vcpus, |cpus| cpus.ceil().max(1.0) as u32),
-            boot: Boot {
-                kernel: image.kernel.as_ref().map(|p| p.display().to_string()),
-                initrd: image.initrd.as_ref().map(|p| p.display().to_string()),
-                cmdline: image.kernel.as_ref().map(|_| image.cmdline.clone()),
-            },
-            disks,
-            network: self.network.clone(),
-            console_log: console_log(&job_dir).display().to_string(),
+            helper: self.helper_disk()?,
         };
+        // Ready VMs have the default shape; a job asking for another gets a VM of its own.
+        let ready_key = (self.settings.idle_count > 0
+            && launch.memory_kib == default_memory_kib
+            && launch.vcpus == self.settings.vcpus)
+            .then(|| ready::key(self, &launch));
+        let lock = StateLock::acquire(&self.settings.state_dir).await?;
+        let (cache_volume, cache_path) = self.cache_disk(&lv, job).await?;
+        let cache = Disk {
+            path: cache_path,
+            format: "raw",
+            target: "vdb",
+            serial: Some("drover-cache"),
+            read_only: false,
+        };
+        let mut labels = job.labels();
+        labels.insert(LABEL_CACHE.into(), cache_volume);
+        let taken = match &ready_key {
+            Some(key) => self.take_ready(&lv, key, &name, &labels).await?,
+            None => None,
+        };
+        let vm = match taken {
+            Some(vm) => {
+                progress!("Using ready VM {vm} (booted from {requested} ahead of the job)");
+                lv.attach(&vm, cache.xml()).await?;
+                vm
+            }
+            None => {
+                progress!(
+                    "Starting VM {name} from {requested} ({}, {} vCPU, {} MiB)",
+                    launch.domain_type,
+                    launch.vcpus,
+                    launch.memory_kib / 1024
+                );
+                self.start_vm(&lv, &name, &name, labels, &launch, Some(cache))
+                    .await?;
+                name.clone()
+            }
+        };
+        drop(lock);
         let defined = Instant::now();
-        progress!(
-            "Starting VM {name} from {requested} ({domain_type}, {} vCPU, {} MiB)",
-            spec.vcpus,
-            spec.memory_kib / 1024
-        );
-        let xml = lv.define_and_start(spec.render(&self.template)).await?;
-        let booted = Instant::now();
-        let [ctl, out, err] = domain::channel_sockets(&xml).ok_or_else(|| {
+        let job_dir = self.job_dir(&name);
+        let sockets = read_sockets(&job_dir).ok_or_else(|| {
             Error::system(format!(
-                "VM {name} has no org.drover.* channels (does [driver] domain_template keep @CHANNELS@?)"
+                "VM {vm} has no saved stage channel in {}",
+                job_dir.display()
             ))
         })?;
-        let sockets = Sockets {
-            ctl: ctl.into(),
-            out: out.into(),
-            err: err.into(),
-        };
-        let state = serde_json::to_vec(&sockets).or_system("cannot save the channel")?;
-        std::fs::write(job_dir.join("sockets.json"), state)
-            .or_system(format_args!("cannot write in {}", job_dir.display()))?;
-        let serial = Serial::new(&name, sockets, &self.settings.shell);
-        self.wait_for_agent(&lv, &serial, &name, &job_dir, job.cancel_token())
+        let serial = Serial::new(&vm, sockets, &self.settings.shell);
+        self.wait_for_agent(&lv, &serial, &vm, &job_dir, job.cancel_token())
             .await?;
         let answered = Instant::now();
-        let setup = guest_setup(&name, helper.as_ref().map(|(_, size)| *size));
+        let setup = guest_setup(
+            &name,
+            launch.helper.as_ref().map(|(_, size)| *size),
+            &self.settings.forward_ports,
+        );
         let status =
             drover_core::channel::run_stage(&serial, setup.as_bytes(), job.cancel_token()).await?;
         if status != 0 {
             return Err(Error::system(format!(
-                "setting up VM {name} failed (exit status {status}); see the lines above"
+                "setting up VM {vm} failed (exit status {status}); see the lines above"
             )));
         }
         progress!(
-            "Ready in {:.2} s (volumes {:.2} s, define and start {:.2} s, boot to the stage agent {:.2} s, setup {:.2} s)",
+            "Ready in {:.2} s ({} {:.2} s, boot to the stage agent {:.2} s, setup {:.2} s)",
             started.elapsed().as_secs_f64(),
+            if vm == name {
+                "volumes, define and start"
+            } else {
+                "hand-over"
+            },
             (defined - started).as_secs_f64(),
-            (booted - defined).as_secs_f64(),
-            (answered - booted).as_secs_f64(),
+            (answered - defined).as_secs_f64(),
             answered.elapsed().as_secs_f64()
         );
+        if let Some(key) = &ready_key {
+            match StateLock::acquire(&self.settings.state_dir).await {
+                Ok(_lock) => self.replenish(&lv, key, &launch).await,
+                Err(err) => progress!("Started no ready VMs for the next jobs: {err}"),
+            }
+        }
         Ok(())
     }
 
@@ -353,13 +368,14 @@ impl Driver for LibvirtDriver {
             ))
         })?;
         let body = script.read().await?;
-        let serial = Serial::new(&name, sockets, &self.settings.shell);
+        let vm = self.domain_of(&name);
+        let serial = Serial::new(&vm, sockets, &self.settings.shell);
         let result = drover_core::channel::run_stage(&serial, &body, job.cancel_token()).await;
         match result {
             Ok(status) => Ok(status),
             Err(err) => {
                 let running = match Libvirt::connect(&self.settings.uri).await {
-                    Ok(lv) => lv.running(&name).await.ok().flatten(),
+                    Ok(lv) => lv.running(&vm).await.ok().flatten(),
                     Err(_) => None,
                 };
                 if running == Some(true) {
@@ -367,7 +383,7 @@ impl Driver for LibvirtDriver {
                 }
                 show_console(&job_dir);
                 Err(Error::system(format!(
-                    "VM {name} stopped while the stage ran (its console's last lines are above)"
+                    "VM {vm} stopped while the stage ran (its console's last lines are above)"
                 )))
             }
         }
@@ -376,7 +392,7 @@ impl Driver for LibvirtDriver {
     async fn cleanup(&self, job: &Job) -> Result<()> {
         let lv = Libvirt::connect(&self.settings.uri).await?;
         let name = job.names().job();
-        if lv.running(&name).await? == Some(true) {
+        if lv.running(&self.domain_of(&name)).await? == Some(true) {
             self.flush_cache(&name).await;
         }
         self.remove(&lv, &name).await
@@ -384,16 +400,28 @@ impl Driver for LibvirtDriver {
 
     async fn gc(&self, request: &GcRequest) -> Result<GcReport> {
         let lv = Libvirt::connect(&self.settings.uri).await?;
+        let _lock = StateLock::acquire(&self.settings.state_dir).await?;
         let mut report = GcReport::default();
-        let mut known = Vec::new();
+        let (mut known, mut kept) = (Vec::new(), Vec::new());
         for domain in lv.drover_domains().await? {
             if domain.labels.get(LABEL_RUNNER) != Some(&request.runner) {
                 continue;
             }
             known.push(domain.name.clone());
-            // Job VMs, and the test boots of a driver killed while it probed.
-            if !is_expired(&domain.labels, &request.runner, request.now) {
+            let remove = if domain.labels.contains_key(ready::LABEL_READY) {
+                // A ready VM: of no use once ready VMs are switched off or it stopped, and
+                // abandoned when a prepare killed while it took it left it without a
+                // directory (the lock rules out one taking it now).
+                self.settings.idle_count == 0
+                    || !ready::is_untaken(&self.job_dir(&domain.name))
+                    || lv.running(&domain.name).await? != Some(true)
+            } else {
+                // Job VMs, and the test boots of a driver killed while it probed.
+                is_expired(&domain.labels, &request.runner, request.now)
+            };
+            if !remove {
                 report.kept += 1;
+                kept.push(domain.name);
                 continue;
             }
             if !request.dry_run {
@@ -437,10 +465,15 @@ impl Driver for LibvirtDriver {
             }
             report.removed.push(volume);
         }
+        // A job's directory goes with its VM, or, when it has none, once old enough that no
+        // prepare is still making it.
         if let Ok(entries) = std::fs::read_dir(self.settings.state_dir.join("jobs")) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if !name.starts_with(&prefix) || known.contains(&name) || !old(&entry.path()) {
+                let vm = self.domain_of(&name);
+                let gone = known.contains(&vm) && !kept.contains(&vm);
+                if !name.starts_with(&prefix) || kept.contains(&vm) || !(gone || old(&entry.path()))
+                {
                     continue;
                 }
                 if !request.dry_run {
@@ -535,17 +568,102 @@ impl LibvirtDriver {
         }
     }
 
-    /// Removes domain `name`, its overlay and its job directory; succeeds when they are gone.
+    /// Removes the VM of job (or ready VM) `name`, its overlay and its directory; succeeds
+    /// when they are gone.
     async fn remove(&self, lv: &Libvirt, name: &str) -> Result<()> {
-        lv.remove_domain(name).await?;
-        lv.delete_volume(&self.settings.pool, &overlay_volume(name))
+        let vm = self.domain_of(name);
+        lv.remove_domain(&vm).await?;
+        lv.delete_volume(&self.settings.pool, &overlay_volume(&vm))
             .await?;
         remove_dir(&self.job_dir(name))
     }
 
-    /// The directory of VM `name`'s console log and channel state, the driver's only.
+    /// The directory of job (or ready VM) `name`: its VM's console log, channel sockets and
+    /// name. Only the driver writes there.
     fn job_dir(&self, name: &str) -> PathBuf {
         self.settings.state_dir.join("jobs").join(name)
+    }
+
+    /// The domain of job `name`: its own, or the ready VM it took (see `ready`).
+    fn domain_of(&self, name: &str) -> String {
+        let mut text = String::new();
+        let read = std::fs::File::open(self.job_dir(name).join("domain"))
+            .and_then(|file| file.take(256).read_to_string(&mut text));
+        match read {
+            Ok(_) if !text.trim().is_empty() => text.trim().to_owned(),
+            _ => name.to_owned(),
+        }
+    }
+
+    /// Makes VM `vm`'s overlay and directory (`jobs/<dir>`), defines and starts it with the
+    /// overlay, `cache` and the helper disk as its disks, and saves its channel sockets there.
+    async fn start_vm(
+        &self,
+        lv: &Libvirt,
+        vm: &str,
+        dir: &str,
+        labels: BTreeMap<String, String>,
+        launch: &Launch<'_>,
+        cache: Option<Disk>,
+    ) -> Result<()> {
+        let overlay = lv
+            .ensure_volume(
+                &self.settings.pool,
+                &overlay_volume(vm),
+                launch.base.overlay_xml(&overlay_volume(vm)),
+            )
+            .await?;
+        let job_dir = self.job_dir(dir);
+        std::fs::create_dir_all(&job_dir)
+            .and_then(|()| std::fs::write(job_dir.join("domain"), vm))
+            .or_system(format_args!("cannot write in {}", job_dir.display()))?;
+        let mut disks = vec![Disk {
+            path: overlay,
+            format: "qcow2",
+            target: "vda",
+            serial: None,
+            read_only: false,
+        }];
+        disks.extend(cache);
+        if let Some((path, _)) = &launch.helper {
+            disks.push(Disk {
+                path: path.display().to_string(),
+                format: "raw",
+                target: "vdc",
+                serial: Some("drover-helper"),
+                read_only: true,
+            });
+        }
+        let image = launch.image;
+        let spec = Spec {
+            domain_type: launch.domain_type.clone(),
+            name: vm.to_owned(),
+            labels,
+            memory_kib: launch.memory_kib,
+            vcpus: launch.vcpus,
+            boot: Boot {
+                kernel: image.kernel.as_ref().map(|p| p.display().to_string()),
+                initrd: image.initrd.as_ref().map(|p| p.display().to_string()),
+                cmdline: image.kernel.as_ref().map(|_| image.cmdline.clone()),
+            },
+            disks,
+            network: self.network.clone(),
+            console_log: console_log(&job_dir).display().to_string(),
+        };
+        let xml = lv.define_and_start(spec.render(&self.template)).await?;
+        let [ctl, out, err] = domain::channel_sockets(&xml).ok_or_else(|| {
+            Error::system(format!(
+                "VM {vm} has no org.drover.* channels (does [driver] domain_template keep @CHANNELS@?)"
+            ))
+        })?;
+        let sockets = Sockets {
+            ctl: ctl.into(),
+            out: out.into(),
+            err: err.into(),
+        };
+        let state = serde_json::to_vec(&sockets).or_system("cannot save the channel")?;
+        std::fs::write(job_dir.join("sockets.json"), state)
+            .or_system(format_args!("cannot write in {}", job_dir.display()))
     }
 
     /// The storage pool, made when missing; returns its directory.
@@ -561,6 +679,7 @@ impl LibvirtDriver {
     /// The project's cache disk for this job: the first of the project's cache volumes that no
     /// other VM of this runner uses (two VMs writing one file system would break it; QEMU's
     /// image locking refuses that as well), made when missing. Returns its name and path.
+    /// Call with the [`StateLock`] held until the VM carries the volume's label.
     async fn cache_disk(&self, lv: &Libvirt, job: &Job) -> Result<(String, String)> {
         let project = job.identity().project_id.to_string();
         let runner = job.names().runner().to_owned();
@@ -806,6 +925,62 @@ impl LibvirtDriver {
 /// a second; the emulated KVM of nested sandboxes takes over a minute, or never).
 const PROBE_SECS: u64 = 15;
 
+/// What every VM of one job image is started with (a job's own VM or a ready one).
+struct Launch<'a> {
+    /// The job's `image:`.
+    image_name: &'a str,
+    image: &'a Image,
+    base: &'a BaseDisk,
+    /// `kvm` or `qemu`.
+    domain_type: String,
+    memory_kib: u64,
+    vcpus: u32,
+    /// The disk with the operator's gitlab-runner, and the binary's size.
+    helper: Option<(PathBuf, u64)>,
+}
+
+/// The driver's lock on its state directory, held while prepare picks a cache disk, takes or
+/// starts a VM, and while gc looks: so two jobs never pick one cache disk or one ready VM,
+/// and gc never sees a VM half made. Released on drop; the kernel releases it when a killed
+/// driver's process ends.
+struct StateLock {
+    _held: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// How long a driver waits for another's [`StateLock`]: it is held for a few libvirt calls.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl StateLock {
+    async fn acquire(state_dir: &Path) -> Result<StateLock> {
+        std::fs::create_dir_all(state_dir)
+            .or_system(format_args!("cannot create {}", state_dir.display()))?;
+        let path = state_dir.join("lock");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .or_system(format_args!("cannot open {}", path.display()))?;
+        let started = Instant::now();
+        loop {
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(StateLock { _held: lock }),
+                Err((back, nix::errno::Errno::EWOULDBLOCK)) if started.elapsed() < LOCK_TIMEOUT => {
+                    file = back;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err((_, errno)) => {
+                    return Err(Error::system(format!(
+                        "cannot lock {} within {} s: {errno} (another drover-libvirt holds it)",
+                        path.display(),
+                        LOCK_TIMEOUT.as_secs()
+                    )));
+                }
+            }
+        }
+    }
+}
+
 /// A base image's disk: its format and virtual size, read from its header.
 struct BaseDisk {
     path: PathBuf,
@@ -906,11 +1081,11 @@ fn console_tail(bytes: &[u8]) -> Vec<String> {
     lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].to_vec()
 }
 
-/// The first stage in a new VM: its own identity (hostname, machine-id), the project's cache
-/// disk at /cache (formatted when new), and gitlab-runner from the helper disk when the image
+/// The first stage in a job's VM: its own identity (hostname, machine-id), the project's cache
+/// disk at /cache (formatted when new; waited for, since a ready VM gets it plugged in), and gitlab-runner from the helper disk when the image
 /// has none. `sh`, so it runs whatever the image's shell.
-fn guest_setup(name: &str, helper_size: Option<u64>) -> String {
-    format!(
+fn guest_setup(name: &str, helper_size: Option<u64>, forward_ports: &[u16]) -> String {
+    let mut script = format!(
         r#"set -u
 name='{name}'
 hostname "$name" 2>/dev/null || echo "$name" >/proc/sys/kernel/hostname
@@ -923,7 +1098,14 @@ disk() {{
   done
   return 1
 }}
-if dev=$(disk drover-cache); then
+# A ready VM gets the cache disk plugged in at prepare: it shows up within moments.
+tries=0
+until dev=$(disk drover-cache); do
+  tries=$((tries + 1))
+  [ "$tries" -le 100 ] || {{ echo "the cache disk did not appear in the VM within 10 s" >&2; exit 1; }}
+  sleep 0.1
+done
+if [ -n "$dev" ]; then
   mkdir -p {CACHE_DIR}
   if ! mount -t ext4 "$dev" {CACHE_DIR} 2>/dev/null; then
     echo "Formatting the project's new cache disk"
@@ -932,14 +1114,53 @@ if dev=$(disk drover-cache); then
 fi
 helper={helper}
 if [ "$helper" -gt 0 ] && ! command -v gitlab-runner >/dev/null 2>&1 && dev=$(disk drover-helper); then
-  echo "Copying gitlab-runner into the VM (the image has none)"
-  mkdir -p /usr/local/bin && head -c "$helper" "$dev" >/usr/local/bin/gitlab-runner && chmod 0755 /usr/local/bin/gitlab-runner || exit 1
+  # Into a directory on the stages' PATH (a busybox init's has no /usr/local/bin).
+  bin=/usr/bin
+  case ":$PATH:" in *:/usr/local/bin:*) bin=/usr/local/bin ;; esac
+  echo "Copying gitlab-runner into the VM's $bin (the image has none)"
+  mkdir -p "$bin" && head -c "$helper" "$dev" >"$bin/gitlab-runner" && chmod 0755 "$bin/gitlab-runner" || exit 1
 fi
 mkdir -p {BUILDS_DIR}
 "#,
         helper = helper_size.unwrap_or(0)
+    );
+    if !forward_ports.is_empty() {
+        script += &forwarding(forward_ports);
+    }
+    script
+}
+
+/// The setup stage's part that brings the host's loopback ports `ports` to the guest's
+/// 127.0.0.1 (see `forward_ports`): socat when the image has it, else `guest/forward.pl`.
+/// Each forwarder runs in a session of its own, so no stage's cancel stops it, and is waited
+/// for until it listens.
+fn forwarding(ports: &[u16]) -> String {
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    format!(
+        r#"cat >/run/drover-forward.pl <<'DROVER_FORWARD_PL'
+{FORWARDER}DROVER_FORWARD_PL
+for port in {ports}; do
+  if command -v socat >/dev/null 2>&1; then
+    setsid socat "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr" "TCP:10.0.2.2:$port" </dev/null >/dev/null 2>&1 &
+  elif command -v perl >/dev/null 2>&1; then
+    setsid perl /run/drover-forward.pl "$port" </dev/null >/dev/null 2>&1 &
+  else
+    echo "[driver] forward_ports needs socat or perl in the image" >&2; exit 1
+  fi
+  hex=$(printf '%04X' "$port") tries=0
+  until grep -q "^ *[0-9]*: 0100007F:$hex 00000000:0000 0A" /proc/net/tcp; do
+    tries=$((tries + 1))
+    [ "$tries" -le 100 ] || {{ echo "nothing listens on the VM's 127.0.0.1:$port for forward_ports after 10 s" >&2; exit 1; }}
+    sleep 0.1
+  done
+done
+"#,
+        ports = ports.join(" ")
     )
 }
+
+/// The guest's forwarder of `forward_ports` for images without socat.
+const FORWARDER: &str = include_str!("../guest/forward.pl");
 
 fn main() -> std::process::ExitCode {
     drover_core::run::<LibvirtDriver>()

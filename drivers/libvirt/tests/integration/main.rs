@@ -306,6 +306,89 @@ fn gc_removes_only_expired_jobs_and_doctor_reports_libvirt_and_the_domain_type()
     assert!(text.contains("cannot connect to libvirt"), "{text}");
 }
 
+/// The ready VM a job's log says it took, if any.
+fn taken_ready_vm(log: &str) -> Option<String> {
+    let line = log.lines().find(|line| line.contains("Using ready VM "))?;
+    let name = line
+        .split("Using ready VM ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?;
+    Some(name.to_owned())
+}
+
+#[test]
+fn ready_vms_start_jobs_without_a_boot_once_each_with_the_projects_cache() {
+    let test = "ready_vms_start_jobs_without_a_boot_once_each_with_the_projects_cache";
+    if !libvirt(test) {
+        return;
+    }
+    let setup = new_setup("ready", "domain_type = \"qemu\"\nidle_count = 1");
+    let _caches = DropCaches(&setup);
+    let ready_prefix = format!("drover-{}-ready-", setup.runner);
+    // The first job boots its own VM and leaves one ready for the next.
+    let (ok, log) = setup.run_job("x:\n  script: [echo first > /cache/mark, hostname]\n", &[]);
+    assert!(ok, "{log}");
+    assert_eq!(taken_ready_vm(&log), None, "{log}");
+    assert!(
+        log.contains("Started 1 ready VM(s) from debian:bookworm"),
+        "{log}"
+    );
+    let left = setup.leftovers();
+    assert_eq!(left.len(), 2, "one ready VM and its overlay: {left:?}");
+    assert!(
+        left.iter().all(|name| name.starts_with(&ready_prefix)),
+        "{left:?}"
+    );
+    // The next ones take it: their own hostname, the project's cache plugged in, and a new
+    // ready VM each time, since a VM serves one job only.
+    let mut taken = Vec::new();
+    for round in ["second", "third"] {
+        let (ok, log) = setup.run_job(
+            &format!("x:\n  script: [cat /cache/mark, echo {round} > /cache/mark, hostname]\n"),
+            &[],
+        );
+        assert!(ok, "{log}");
+        let vm = taken_ready_vm(&log).unwrap_or_else(|| panic!("no ready VM taken: {log}"));
+        assert!(vm.starts_with(&ready_prefix), "{vm}");
+        assert!(log.contains("Ready in "), "{log}");
+        assert!(log.contains("hand-over"), "{log}");
+        let previous = if round == "second" { "first" } else { "second" };
+        assert!(log.contains(&format!("\n{previous}\n")), "{log}");
+        assert!(
+            log.contains(&format!("\ndrover-{}-p", setup.runner)),
+            "{log}"
+        );
+        assert!(!taken.contains(&vm), "{vm} served two jobs");
+        taken.push(vm);
+        let left = setup.leftovers();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(
+            !left
+                .iter()
+                .any(|name| taken.iter().any(|vm| name.starts_with(vm.as_str()))),
+            "{left:?}"
+        );
+    }
+    // Without ready VMs wanted, gc removes them.
+    let dry = setup.driver(&["gc", "--dry-run"]);
+    assert!(
+        String::from_utf8_lossy(&dry.stdout)
+            .lines()
+            .all(|l| !l.starts_with("would remove"))
+    );
+    setup.set("driver.idle_count", 0);
+    let gc = setup.driver(&["gc"]);
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+    let jobs = std::fs::read_dir(setup.state_dir().join("jobs")).map_or(0, |dir| dir.count());
+    assert_eq!(jobs, 0, "job directories left");
+}
+
 #[test]
 fn the_real_runner_runs_jobs_with_their_exit_codes_and_leaves_nothing() {
     let test = "the_real_runner_runs_jobs_with_their_exit_codes_and_leaves_nothing";
@@ -327,6 +410,87 @@ fn the_real_runner_runs_jobs_with_their_exit_codes_and_leaves_nothing() {
     assert!(
         log.contains("Job fails result: script_failure (exit code 3)"),
         "{log}"
+    );
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_runner_passes_artifacts_and_cache_between_vms_cancels_and_times_out() {
+    use drover_harness::coordinator::Coordinator;
+    use drover_harness::pipeline::RunnerMode;
+    use drover_harness::real::RealRunner;
+
+    let test = "the_real_runner_passes_artifacts_and_cache_between_vms_cancels_and_times_out";
+    if !libvirt(test) {
+        return;
+    }
+    let Some(runner) = require::gitlab_runner(test) else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("work dir");
+    let coordinator = Coordinator::start(work.path().join("artifacts"))
+        .await
+        .expect("coordinator");
+    // The runner gives the job's helper commands its own URL, drover's fake GitLab on the
+    // host's 127.0.0.1: forward_ports brings it to the VM's. The image has no gitlab-runner.
+    let setup = new_setup(
+        "realpipe",
+        &format!(
+            "domain_type = \"qemu\"\ngitlab_runner_binary = {runner:?}\nforward_ports = [{}]",
+            coordinator.addr().port()
+        ),
+    );
+    let _caches = DropCaches(&setup);
+    let pipeline = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/jobs/pipeline.yml"
+    ))
+    .expect("example pipeline");
+    let mode = RunnerMode::Real(RealRunner {
+        binary: runner.clone(),
+        builds_dir: "/builds".into(),
+        cache_dir: "/cache".into(),
+        work_dir: work.path().join("runner"),
+    });
+    let logs = setup
+        .expect_pipeline_succeeds(&pipeline, &mode, &coordinator, Duration::from_secs(400))
+        .await;
+    assert!(logs.contains("Running with gitlab-runner"), "{logs}");
+    assert!(logs.contains("release 1.0 built by job"), "{logs}");
+    assert!(logs.contains("dependencies fetched by job"), "{logs}");
+    let uploads = coordinator
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.contains("/artifacts") && r.status == 201)
+        .count();
+    assert_eq!(uploads, 1, "{logs}");
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+
+    // A cancel (Ctrl-C to drover: the fake GitLab cancels the job) and a timeout, each
+    // stopping the script in the VM, running after_script, and leaving nothing.
+    let runner_arg = runner.to_string_lossy().into_owned();
+    let real = ["--runner", "real", "--gitlab-runner", runner_arg.as_str()];
+    let log = tokio::task::block_in_place(|| setup.run_and_interrupt(&real));
+    assert!(log.contains("Job long result: canceled"), "{log}");
+    assert!(log.contains("after_script ran"), "{log}");
+    assert!(
+        !log.contains("tick 40\n"),
+        "the script went on after the cancel: {log}"
+    );
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+    let (ok, log) = tokio::task::block_in_place(|| {
+        setup.run_job(
+            "slow:\n  timeout: 60s\n  script:\n    - for i in $(seq 1 600); do echo tock $i; sleep 0.5; done\n  after_script:\n    - echo after the timeout\n",
+            &real,
+        )
+    });
+    assert!(!ok, "{log}");
+    // The timeout counts from the job's start, prepare included (a boot under TCG).
+    assert!(log.contains("\ntock 1"), "{log}");
+    assert!(log.contains("Job slow result: timedout"), "{log}");
+    assert!(
+        !log.contains("tock 150\n"),
+        "the script went on after the timeout: {log}"
     );
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
