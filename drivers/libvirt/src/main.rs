@@ -41,6 +41,8 @@ const CACHE_DIR: &str = "/cache";
 const LABEL_CACHE: &str = "drover.cache";
 /// How many cache disks a project may have, one per job running at once.
 const CACHE_SLOTS: u32 = 64;
+/// How long cleanup waits for a VM's agent to answer before it asks it to write out its cache.
+const FLUSH_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long cleanup waits for a VM to write out its cache.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How much of the console log goes into the job log when a VM fails.
@@ -295,11 +297,12 @@ impl Driver for LibvirtDriver {
             Some(key) => self.take_ready(&lv, key, &name, &labels).await?,
             None => None,
         };
-        let vm = match taken {
+        // A ready VM gets the cache disk once its agent answers, never while it boots: its
+        // initramfs could find the cache disk first and take it for the root disk.
+        let (vm, plug) = match taken {
             Some(vm) => {
                 progress!("Using ready VM {vm} (booted from {requested} ahead of the job)");
-                lv.attach(&vm, cache.xml()).await?;
-                vm
+                (vm, Some(cache))
             }
             None => {
                 progress!(
@@ -310,7 +313,7 @@ impl Driver for LibvirtDriver {
                 );
                 self.start_vm(&lv, &name, &name, labels, &launch, Some(cache))
                     .await?;
-                name.clone()
+                (name.clone(), None)
             }
         };
         drop(lock);
@@ -325,6 +328,9 @@ impl Driver for LibvirtDriver {
         let serial = Serial::new(&vm, sockets, &self.settings.shell);
         self.wait_for_agent(&lv, &serial, &vm, &job_dir, job.cancel_token())
             .await?;
+        if let Some(cache) = plug {
+            lv.attach(&vm, cache.xml()).await?;
+        }
         let answered = Instant::now();
         let setup = guest_setup(
             &name,
@@ -546,13 +552,18 @@ impl LibvirtDriver {
             return;
         };
         let serial = Serial::new(name, sockets, &self.settings.shell);
-        // A guest whose agent never came up has nothing to write out.
+        // A busy guest (TCG, a loaded host) may take seconds to answer; one whose agent the
+        // job killed is answering again once its init restarted it.
         let nonce = drover_core::channel::nonce();
         if !serial
-            .hello(&nonce, Duration::from_secs(1))
+            .hello(&nonce, FLUSH_HELLO_TIMEOUT)
             .await
             .unwrap_or(false)
         {
+            progress!(
+                "VM {name} did not answer within {} s; what it had not written to its cache yet is lost",
+                FLUSH_HELLO_TIMEOUT.as_secs()
+            );
             return;
         }
         let script = format!("sync; umount {CACHE_DIR} 2>/dev/null; sync\n");

@@ -11,8 +11,9 @@
 //! prepare takes the oldest running one by renaming its directory (`jobs/<vm>`) to the job's
 //! (`jobs/<job>`): a rename is atomic, the directory keeps a `domain` file naming the VM, and a
 //! VM without a directory is taken. Then it relabels the domain as the job's (so `gc` and
-//! `cleanup` treat it like any job VM), plugs the project's cache disk in, and the setup stage
-//! gives the guest its hostname and machine-id. Finally it starts VMs up to N again and does not
+//! `cleanup` treat it like any job VM), waits for its agent if it is still booting, plugs the
+//! project's cache disk in (only then: an initramfs that found the cache disk first would take
+//! it for the root disk), and the setup stage gives the guest its hostname and machine-id. Finally it starts VMs up to N again and does not
 //! wait for them to boot; libvirt runs them, so no process of the driver outlives the stage.
 //!
 //! All of this happens under the driver's state lock (see `StateLock`), as does the choice of

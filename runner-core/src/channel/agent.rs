@@ -19,6 +19,10 @@
 //!   an SSH channel): the script comes on stdin and the output goes to stdout and stderr.
 //! - `signal TERM|KILL PGID`: signals a stage's process group, for the same transports.
 //!
+//! Sourced (or evaluated) with any other first argument it only defines its functions: a guest agent that
+//! already holds the script in a file may call `stage NONCE SHELL FILE` itself (drover-libvirt's
+//! does, saving the processes of the `stage` mode).
+//!
 //! Every stage writes the same frame on both of its output streams, whatever carries them:
 //! `\x1edrover-NONCE start PGID\n` before the script's first byte, the script's bytes as they
 //! come, and `\x1edrover-NONCE exit STATUS\n` after the script has exited (see `wire`). The
