@@ -337,8 +337,20 @@ impl Driver for LibvirtDriver {
             launch.helper.as_ref().map(|(_, size)| *size),
             &self.settings.forward_ports,
         );
-        let status =
-            drover_core::channel::run_stage(&serial, setup.as_bytes(), job.cancel_token()).await?;
+        // Ready VMs for the next jobs start while this one's guest runs its setup: libvirt and
+        // QEMU do that work, and the job does not wait for it twice.
+        let top_up = async {
+            if let Some(key) = &ready_key {
+                match StateLock::acquire(&self.settings.state_dir).await {
+                    Ok(_lock) => self.replenish(&lv, key, &launch).await,
+                    Err(err) => progress!("Started no ready VMs for the next jobs: {err}"),
+                }
+            }
+        };
+        let setup_stage =
+            drover_core::channel::run_stage(&serial, setup.as_bytes(), job.cancel_token());
+        let (status, ()) = tokio::join!(setup_stage, top_up);
+        let status = status?;
         if status != 0 {
             return Err(Error::system(format!(
                 "setting up VM {vm} failed (exit status {status}); see the lines above"
@@ -356,12 +368,6 @@ impl Driver for LibvirtDriver {
             (answered - defined).as_secs_f64(),
             answered.elapsed().as_secs_f64()
         );
-        if let Some(key) = &ready_key {
-            match StateLock::acquire(&self.settings.state_dir).await {
-                Ok(_lock) => self.replenish(&lv, key, &launch).await,
-                Err(err) => progress!("Started no ready VMs for the next jobs: {err}"),
-            }
-        }
         Ok(())
     }
 

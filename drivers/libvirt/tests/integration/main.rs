@@ -87,13 +87,24 @@ fn leftovers(runner: &str) -> Vec<String> {
     left
 }
 
-/// Removes a setup's cache disks when the test ends, passed or failed: they stay after a job (a
-/// project's cache must), and the runner is the test's alone.
+/// Removes what a setup's runner has on libvirt when the test ends, passed or failed: its cache
+/// disks (they stay after a job, as a project's cache must) and, after a failure, any domain
+/// (ready VMs included) and volume of its. The runner is the test's alone, and a test that
+/// passed has asserted there was nothing else left.
 struct DropCaches<'a>(&'a DriverSetup);
 
 impl Drop for DropCaches<'_> {
     fn drop(&mut self) {
         let prefix = format!("drover-{}-", self.0.runner);
+        for domain in virsh(&["list", "--all", "--name"])
+            .unwrap_or_default()
+            .lines()
+        {
+            if domain.starts_with(&prefix) {
+                let _ = virsh(&["destroy", domain]);
+                let _ = virsh(&["undefine", domain]);
+            }
+        }
         for line in virsh(&["vol-list", POOL]).unwrap_or_default().lines() {
             if let Some(name) = line
                 .split_whitespace()
