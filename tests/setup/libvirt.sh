@@ -22,6 +22,16 @@
 #   - checked by one boot under TCG (transient domain drover-setup-check, qcow2 overlay), which is
 #     destroyed again.
 #
+# `tests/setup/libvirt.sh --bench` does all of that and also makes the guest of the libvirt
+# benchmark (drivers/libvirt/benches/stages.rs), which CI does not need:
+#   - /var/cache/drover/bench-ssh/id_ed25519(.pub): a key made once, for the bench only;
+#   - libvirt-bench-guest.{img,vmlinuz,initrd}: the same guest plus openssh-server, started by
+#     busybox init (`::respawn:/usr/sbin/sshd -D`), root login by that key only (no password
+#     login), host keys made when the image is built (every VM of it has the same ones: fine for
+#     a bench, wrong for anything else); the same kernel and initrd;
+#   - checked by one more boot: the ready line, the agent's hello, and `ssh root@ true` through a
+#     user-mode networking port forward from 127.0.0.1.
+#
 # Environment: DROVER_DEBIAN_MIRROR (default: debootstrap's own default mirror; only used when
 # the helper rootfs has to be built).
 set -euo pipefail
@@ -38,6 +48,13 @@ SETUP_NAME="libvirt setup"
 # CACHE, SUITE, HELPER_TAR, build_helper_tar (which the podman setup calls too).
 # shellcheck source=tests/setup/images.sh
 . "$(dirname "${BASH_SOURCE[0]}")/images.sh"
+BENCH=false
+case "${1:-}" in
+    "") ;;
+    --bench) BENCH=true ;;
+    *) die "usage: tests/setup/libvirt.sh [--bench]" ;;
+esac
+BENCH_KEY=/var/cache/drover/bench-ssh/id_ed25519
 AGENT_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/drivers/libvirt/guest/drover-guest-agent
 BB=/usr/lib/drover/busybox
 
@@ -69,6 +86,8 @@ flock -w 900 9 || die "another tests/setup/libvirt.sh has held /var/cache/drover
 ensure_packages --no-recommends libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
     qemu-system-x86 qemu-utils linux-image-cloud-amd64 e2fsprogs debootstrap curl tar
 command -v python3 >/dev/null || die "needs python3 (the check talks to the guest's channel with it)"
+# The bench guest's key and its check's ssh.
+if $BENCH; then ensure_packages --no-recommends openssh-client; fi
 
 # ---------------------------------------------------------------------------------------------
 # 2. QEMU as root (backends.md): /dev/kvm is 0600 root with no udev and QEMU runs as
@@ -225,17 +244,45 @@ FSTAB='/dev/vda / ext4 defaults 0 1'
 # changed agent, sysinit or inittab makes a new image instead of silently booting a stale one.
 content_hash=$( { cat "$AGENT_SRC"; printf '%s\n' "$SYSINIT" "$INITTAB" "$FSTAB"; } | sha256sum | cut -c1-12)
 RECIPE=libvirt-guest-$SUITE-helper-busybox-init-$KVER-$content_hash
-IMG=$CACHE/$RECIPE.img
-VMLINUZ=$CACHE/$RECIPE.vmlinuz
-INITRD=$CACHE/$RECIPE.initrd
+
+# The bench guest (--bench): the same, plus sshd. /run is a fresh tmpfs at every boot, so its
+# privilege separation directory is made by a second sysinit line (busybox init runs every
+# sysinit line, in order, before the respawn lines). A drop-in, read before the packaged
+# sshd_config's own settings (sshd keeps the first value of a keyword): root by key only.
+BENCH_INITTAB="$INITTAB
+::sysinit:$BB mkdir -p -m 0755 /run/sshd
+::respawn:/usr/sbin/sshd -D"
+BENCH_SSHD_CONF='# drover bench guest (written by tests/setup/libvirt.sh --bench): root by key only.
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UseDNS no'
+if $BENCH; then
+    # Made once and kept: a new key makes a new image (its public half is in the recipe).
+    if [ ! -s "$BENCH_KEY" ] || [ ! -s "$BENCH_KEY.pub" ]; then
+        mkdir -p -m 0700 "${BENCH_KEY%/*}"
+        rm -rf "${BENCH_KEY%/*}"/.new.*
+        keydir=$(mktemp -d "${BENCH_KEY%/*}/.new.XXXXXX")
+        ssh-keygen -q -t ed25519 -N '' -C drover-bench -f "$keydir/key" </dev/null || die "ssh-keygen failed"
+        # The public half first: a private key in place means both are.
+        mv "$keydir/key.pub" "$BENCH_KEY.pub" && mv "$keydir/key" "$BENCH_KEY"
+        rmdir "$keydir"
+        say "made the bench key $BENCH_KEY"
+    fi
+    bench_hash=$( { printf '%s\n' "$content_hash" "$BENCH_INITTAB" "$BENCH_SSHD_CONF"; cat "$BENCH_KEY.pub"; } | sha256sum | cut -c1-12)
+    BENCH_RECIPE=libvirt-bench-guest-$SUITE-helper-busybox-init-sshd-$KVER-$bench_hash
+fi
 
 # A check domain or a work dir left by a killed run (the lock is ours: no other run uses them).
 timeout 30 "${VIRSH[@]}" destroy "$CHECK_DOMAIN" </dev/null >/dev/null 2>&1 || true
 rm -rf --one-file-system "$CACHE"/.libvirt-build.*
 work=$(mktemp -d "$CACHE/.libvirt-build.XXXXXX")
 
+# build_guest RECIPE [bench]: RECIPE.{img,vmlinuz,initrd} in the cache; with `bench`, the guest
+# with sshd. Sets built_how.
 build_guest() {
-    local root=$work/rootfs dl=$work/busybox-deb tool how
+    local recipe=$1 mode=${2:-} root=$work/rootfs dl=$work/busybox-deb tool how
+    local img=$CACHE/$1.img vmlinuz=$CACHE/$1.vmlinuz initrd=$CACHE/$1.initrd
     if [ -s "$HELPER_TAR" ]; then how="from cached $HELPER_TAR"
     else how="from $HELPER_TAR, built first"; build_helper_tar; fi
     mkdir -p "$root"
@@ -279,58 +326,105 @@ build_guest() {
         grep -q "/$tool.ko:" "$root/usr/lib/modules/$KVER/modules.dep" \
             || die "module $tool not in the guest's /lib/modules/$KVER/modules.dep"
     done
+    if [ "$mode" = bench ]; then
+        add_sshd "$root"
+        how="$how + openssh-server"
+    fi
     # Sparse raw image, written atomically (a killed run must not leave a half image that later
     # runs would boot).
-    rm -f "$IMG.tmp"
-    mke2fs -q -t ext4 -d "$root" -L drover-root "$IMG.tmp" 2G </dev/null >/dev/null || die "mke2fs -d $root $IMG.tmp failed"
-    cp "/boot/vmlinuz-$KVER" "$VMLINUZ.tmp" && mv "$VMLINUZ.tmp" "$VMLINUZ"
-    cp "/boot/initrd.img-$KVER" "$INITRD.tmp" && mv "$INITRD.tmp" "$INITRD"
-    mv "$IMG.tmp" "$IMG"
+    rm -f "$img.tmp"
+    mke2fs -q -t ext4 -d "$root" -L drover-root "$img.tmp" 2G </dev/null >/dev/null || die "mke2fs -d $root $img.tmp failed"
+    cp "/boot/vmlinuz-$KVER" "$vmlinuz.tmp" && mv "$vmlinuz.tmp" "$vmlinuz"
+    cp "/boot/initrd.img-$KVER" "$initrd.tmp" && mv "$initrd.tmp" "$initrd"
+    mv "$img.tmp" "$img"
     rm -rf --one-file-system "$root" "$dl"
     built_how=$how
 }
 
-if [ -s "$IMG" ] && [ -s "$VMLINUZ" ] && [ -s "$INITRD" ]; then
-    say "guest $RECIPE present"
-else
-    build_guest
-    say "guest $RECIPE built ($built_how; $(du -m "$IMG" | cut -f1) MB used of 2G)"
-fi
+# add_sshd ROOT: the bench guest's additions to the guest rootfs ROOT. The package's maintainer
+# scripts make the host keys; policy-rc.d keeps them from starting an sshd in the chroot.
+add_sshd() {
+    local root=$1
+    cp /etc/resolv.conf "$root/etc/resolv.conf"
+    printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
+    chmod 0755 "$root/usr/sbin/policy-rc.d"
+    in_rootfs "$root" apt-get update -qq </dev/null >"$work/bench-apt.log" 2>&1 \
+        && in_rootfs "$root" apt-get install -y -qq --no-install-recommends openssh-server \
+            </dev/null >>"$work/bench-apt.log" 2>&1 \
+        || { tail -n 30 "$work/bench-apt.log" >&2; die "apt-get install openssh-server in the bench guest rootfs failed"; }
+    rm -f "$root/usr/sbin/policy-rc.d"
+    in_rootfs "$root" ssh-keygen -A </dev/null >/dev/null || die "ssh-keygen -A in the bench guest rootfs failed"
+    slim "$root"
+    [ -x "$root/usr/sbin/sshd" ] && ls "$root"/etc/ssh/ssh_host_ed25519_key >/dev/null \
+        || die "the bench guest rootfs has no sshd or no host key"
+    printf '%s\n' "$BENCH_INITTAB" >"$root/etc/inittab"
+    mkdir -p "$root/etc/ssh/sshd_config.d"
+    printf '%s\n' "$BENCH_SSHD_CONF" >"$root/etc/ssh/sshd_config.d/drover-bench.conf"
+    install -d -m 0700 "$root/root/.ssh"
+    install -m 0600 "$BENCH_KEY.pub" "$root/root/.ssh/authorized_keys"
+    in_rootfs "$root" sh -c 'mkdir -p /run/sshd && /usr/sbin/sshd -t && rmdir /run/sshd' </dev/null || die "sshd -t in the bench guest rootfs: its configuration is refused"
+}
 
-# The stable names, replaced atomically (a test starting now sees the old or the new image).
-links_changed=
-for ext in img vmlinuz initrd; do
-    link=$CACHE/libvirt-guest.$ext
-    if [ "$(readlink "$link" 2>/dev/null)" != "$RECIPE.$ext" ]; then
-        ln -sfn "$RECIPE.$ext" "$link.tmp" && mv -T "$link.tmp" "$link"
-        links_changed+=" libvirt-guest.$ext"
+# ensure_guest RECIPE LINK [bench]: RECIPE's files in the cache (built unless present) and the
+# stable names LINK.{img,vmlinuz,initrd} pointing at them, replaced atomically (a test starting
+# now sees the old or the new image).
+ensure_guest() {
+    local recipe=$1 name=$2 mode=${3:-} ext link changed=
+    if [ -s "$CACHE/$recipe.img" ] && [ -s "$CACHE/$recipe.vmlinuz" ] && [ -s "$CACHE/$recipe.initrd" ]; then
+        say "guest $recipe present"
+    else
+        build_guest "$recipe" "$mode"
+        say "guest $recipe built ($built_how; $(du -m "$CACHE/$recipe.img" | cut -f1) MB used of 2G)"
     fi
-done
-if [ -n "$links_changed" ]; then say "linked$links_changed -> $RECIPE.*"; else say "links libvirt-guest.{img,vmlinuz,initrd} -> $RECIPE.*"; fi
+    for ext in img vmlinuz initrd; do
+        link=$CACHE/$name.$ext
+        if [ "$(readlink "$link" 2>/dev/null)" != "$recipe.$ext" ]; then
+            ln -sfn "$recipe.$ext" "$link.tmp" && mv -T "$link.tmp" "$link"
+            changed+=" $name.$ext"
+        fi
+    done
+    if [ -n "$changed" ]; then say "linked$changed -> $recipe.*"; else say "links $name.{img,vmlinuz,initrd} -> $recipe.*"; fi
+}
+
+ensure_guest "$RECIPE" libvirt-guest
+if $BENCH; then ensure_guest "$BENCH_RECIPE" libvirt-bench-guest bench; fi
 
 # ---------------------------------------------------------------------------------------------
 # 5. Check, bounded: boot the guest once under TCG (never kvm: /dev/kvm here is PVM and cannot
 #    run this kernel, backends.md) as a transient domain on a qcow2 overlay, wait for its ready
 #    line on the serial console, say hello on its control channel, destroy it. User-mode
-#    networking through QEMU pass-through, as the tests use it (nothing forwarded here).
-chk=$work/check
-mkdir -p "$chk"
-qemu-img create -q -f qcow2 -F raw -b "$CACHE/libvirt-guest.img" "$chk/overlay.qcow2" </dev/null \
-    || die "qemu-img create overlay on $CACHE/libvirt-guest.img failed"
-channels=
-for port in ctl out err; do
-    channels+="    <channel type='unix'><source mode='bind' path='$chk/$port.sock'/><target type='virtio' name='org.drover.$port'/></channel>
+#    networking through QEMU pass-through, as the tests use it (nothing forwarded here). With
+#    --bench, the bench guest too, with 127.0.0.1:<a free port> forwarded to its port 22, and
+#    `ssh root@ true` with the bench key.
+secs() { printf '%d.%02d' $(( $1 / 1000 )) $(( $1 % 1000 / 10 )); }
+
+# check_guest NAME [ssh]: boots NAME.{img,vmlinuz,initrd} of the cache as above.
+check_guest() {
+    local name=$1 mode=${2:-} chk=$work/check-$1 channels= netdev=user,id=usernet0 port i ok rc out
+    local start_ms created_ms ready_ms channel_ms ssh_ms sshed=
+    mkdir -p "$chk"
+    qemu-img create -q -f qcow2 -F raw -b "$CACHE/$name.img" "$chk/overlay.qcow2" </dev/null \
+        || die "qemu-img create overlay on $CACHE/$name.img failed"
+    for port in ctl out err; do
+        channels+="    <channel type='unix'><source mode='bind' path='$chk/$port.sock'/><target type='virtio' name='org.drover.$port'/></channel>
 "
-done
-cat >"$chk/domain.xml" <<EOF
+    done
+    port=
+    if [ "$mode" = ssh ]; then
+        # A port the kernel just gave out and took back: free unless something takes it now.
+        port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') \
+            || die "no free port on 127.0.0.1"
+        netdev+=",hostfwd=tcp:127.0.0.1:$port-:22"
+    fi
+    cat >"$chk/domain.xml" <<EOF
 <domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>$CHECK_DOMAIN</name>
   <memory unit='MiB'>512</memory>
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>$CACHE/libvirt-guest.vmlinuz</kernel>
-    <initrd>$CACHE/libvirt-guest.initrd</initrd>
+    <kernel>$CACHE/$name.vmlinuz</kernel>
+    <initrd>$CACHE/$name.initrd</initrd>
     <cmdline>console=ttyS0 root=/dev/vda rw</cmdline>
   </os>
   <on_poweroff>destroy</on_poweroff>
@@ -349,32 +443,32 @@ $channels    <controller type='usb' model='none'/>
   </devices>
   <qemu:commandline>
     <qemu:arg value='-netdev'/>
-    <qemu:arg value='user,id=usernet0'/>
+    <qemu:arg value='$netdev'/>
     <qemu:arg value='-device'/>
     <qemu:arg value='virtio-net-pci,netdev=usernet0,bus=pci.0,addr=0x9'/>
   </qemu:commandline>
 </domain>
 EOF
-console_tail() { echo "--- last 30 lines of the guest's console ($chk/console.log):" >&2; tail -n 30 "$chk/console.log" >&2 2>/dev/null || true; }
-start_ms=$(now_ms)
-check_started=true
-out=$(timeout 120 "${VIRSH[@]}" create "$chk/domain.xml" </dev/null 2>&1) \
-    || { printf '%s\n' "$out" >&2; die "virsh create $chk/domain.xml failed (output above)"; }
-created_ms=$(now_ms)
-ok=false
-for i in $(seq 450); do
-    if grep -q 'drover test guest: ready' "$chk/console.log" 2>/dev/null; then ok=true; break; fi
-    if [ $(( i % 10 )) = 0 ] && [ "$(timeout 10 "${VIRSH[@]}" domstate "$CHECK_DOMAIN" </dev/null 2>/dev/null)" != running ]; then
-        console_tail; die "domain $CHECK_DOMAIN stopped before the guest was ready (QEMU log: /var/log/libvirt/qemu/$CHECK_DOMAIN.log)"
-    fi
-    sleep 0.2
-done
-$ok || { console_tail; die "no 'drover test guest: ready' on $CHECK_DOMAIN's console within 90 s"; }
-ready_ms=$(now_ms)
-# The agent's protocol: `hello NONCE` is answered `hello NONCE`. Never half-close our end (QEMU
-# then drops the whole connection, backends.md).
-rc=0
-out=$(timeout 20 python3 -c '
+    console_tail() { echo "--- last 30 lines of the guest's console ($chk/console.log):" >&2; tail -n 30 "$chk/console.log" >&2 2>/dev/null || true; }
+    start_ms=$(now_ms)
+    check_started=true
+    out=$(timeout 120 "${VIRSH[@]}" create "$chk/domain.xml" </dev/null 2>&1) \
+        || { printf '%s\n' "$out" >&2; die "virsh create $chk/domain.xml failed (output above)"; }
+    created_ms=$(now_ms)
+    ok=false
+    for i in $(seq 450); do
+        if grep -q 'drover test guest: ready' "$chk/console.log" 2>/dev/null; then ok=true; break; fi
+        if [ $(( i % 10 )) = 0 ] && [ "$(timeout 10 "${VIRSH[@]}" domstate "$CHECK_DOMAIN" </dev/null 2>/dev/null)" != running ]; then
+            console_tail; die "domain $CHECK_DOMAIN stopped before the guest was ready (QEMU log: /var/log/libvirt/qemu/$CHECK_DOMAIN.log)"
+        fi
+        sleep 0.2
+    done
+    $ok || { console_tail; die "no 'drover test guest: ready' on $CHECK_DOMAIN's console within 90 s"; }
+    ready_ms=$(now_ms)
+    # The agent's protocol: `hello NONCE` is answered `hello NONCE`. Never half-close our end
+    # (QEMU then drops the whole connection, backends.md).
+    rc=0
+    out=$(timeout 20 python3 -c '
 import socket, sys, time
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.settimeout(5)
@@ -395,13 +489,31 @@ while b"\n" not in buf:
     buf += chunk
 print(buf.split(b"\n")[0].decode(errors="replace"))
 ' "$chk/ctl.sock" </dev/null 2>&1) || rc=$?
-channel_ms=$(now_ms)
-[ "$rc" = 0 ] && [ "$out" = "hello 0123abcd" ] \
-    || { console_tail; die "org.drover.ctl: sent 'hello 0123abcd', got exit $rc, '$out' (want 'hello 0123abcd')"; }
-timeout 30 "${VIRSH[@]}" destroy "$CHECK_DOMAIN" </dev/null >/dev/null || die "virsh destroy $CHECK_DOMAIN failed"
-check_started=false
-secs() { printf '%d.%02d' $(( $1 / 1000 )) $(( $1 % 1000 / 10 )); }
-say "checked: create $(secs $(( created_ms - start_ms ))) s, ready line $(secs $(( ready_ms - start_ms ))) s after start (TCG, 1 vCPU, 512 MiB), hello on org.drover.ctl answered in $(( channel_ms - ready_ms )) ms, destroyed"
+    channel_ms=$(now_ms)
+    [ "$rc" = 0 ] && [ "$out" = "hello 0123abcd" ] \
+        || { console_tail; die "org.drover.ctl: sent 'hello 0123abcd', got exit $rc, '$out' (want 'hello 0123abcd')"; }
+    if [ "$mode" = ssh ]; then
+        # sshd starts after the ready line: up to 60 tries, a second apart.
+        ok=false
+        for i in $(seq 60); do
+            if out=$(timeout 20 ssh -i "$BENCH_KEY" -p "$port" -o BatchMode=yes -o ConnectTimeout=10 \
+                    -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR \
+                    root@127.0.0.1 'echo "$(id -un)@$(hostname)"' </dev/null 2>&1); then
+                ok=true; break
+            fi
+            sleep 1
+        done
+        $ok || { console_tail; die "ssh root@127.0.0.1 -p $port (forwarded to the guest's port 22) failed for 60 s: $out"; }
+        ssh_ms=$(now_ms)
+        sshed=", ssh as $out $(secs $(( ssh_ms - channel_ms ))) s later"
+    fi
+    timeout 30 "${VIRSH[@]}" destroy "$CHECK_DOMAIN" </dev/null >/dev/null || die "virsh destroy $CHECK_DOMAIN failed"
+    check_started=false
+    say "checked $name: create $(secs $(( created_ms - start_ms ))) s, ready line $(secs $(( ready_ms - start_ms ))) s after start (TCG, 1 vCPU, 512 MiB), hello on org.drover.ctl answered in $(( channel_ms - ready_ms )) ms$sshed, destroyed"
+}
+
+check_guest libvirt-guest
+if $BENCH; then check_guest libvirt-bench-guest ssh; fi
 
 step_start=$t0
 say "done"

@@ -39,9 +39,9 @@ fn main() -> ExitCode {
             settings: |state| settings(state, 0),
             ready_start: Some(ReadyStart {
                 settings: |state| settings(state, 1),
-                wait: spare_made,
+                wait: |_| spare_made(),
                 // A spare LXD is still creating refuses deletion: retried, bounded.
-                remove: || {
+                remove: |_| {
                     for _ in 0..240 {
                         let left = spares();
                         if left.is_empty() {
@@ -59,6 +59,8 @@ fn main() -> ExitCode {
                 };
                 delete(&name);
             },
+            // The cache is a directory in the state dir, which goes with the bench's temp dir.
+            remove_kept: || {},
             rounds: Rounds {
                 start: 5,
                 stage_warmup: 5,

@@ -48,6 +48,8 @@ fn main() -> ExitCode {
                         .status();
                 }
             },
+            // The cache is a directory in the state dir, which goes with the bench's temp dir.
+            remove_kept: || {},
             ready_start: None,
             rounds: Rounds {
                 start: 11,

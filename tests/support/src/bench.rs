@@ -56,6 +56,9 @@ pub struct Backend {
     /// Removes what a job of `side` left, whatever its cleanup did (run when a job is still
     /// there as the bench ends, e.g. after a failure).
     pub force_remove: fn(side: Side, job_id: u64),
+    /// Removes what jobs keep for later jobs (e.g. a project's cache disk), once the bench is
+    /// over, also after a failure.
+    pub remove_kept: fn(),
     /// How many rounds of each measurement.
     pub rounds: Rounds,
     /// A driver that keeps instances ready for later jobs: its job start from one is measured
@@ -67,10 +70,21 @@ pub struct Backend {
 pub struct ReadyStart {
     /// The driver's settings with the pool of ready instances on, given its `state_dir`.
     pub settings: fn(state_dir: &Path) -> String,
-    /// Waits, bounded, until an instance is ready; false when none came.
-    pub wait: fn() -> bool,
-    /// Removes the instances kept ready.
-    pub remove: fn(),
+    /// Waits, bounded, until an instance is ready; false when none came. Given the driver's
+    /// `state_dir`.
+    pub wait: fn(state_dir: &Path) -> bool,
+    /// Removes the instances kept ready, also after a failure; given the driver's `state_dir`,
+    /// which still exists then.
+    pub remove: fn(state_dir: &Path),
+}
+
+/// Runs its function when dropped: on the way out of a scope, also when a panic unwinds it.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
 }
 
 /// Rounds per measurement: backends whose jobs start in seconds get fewer.
@@ -125,7 +139,8 @@ impl Bench<'_> {
     fn new(backend: &Backend, settings_text: fn(&Path) -> String) -> Bench<'_> {
         let tmp = tempfile::tempdir().expect("temp dir");
         let settings = tmp.path().join("driver.toml");
-        std::fs::write(&settings, settings_text(&tmp.path().join("state"))).expect("settings");
+        std::fs::write(&settings, settings_text(&Bench::state_dir_in(tmp.path())))
+            .expect("settings");
         // Exactly `OUTPUT_BYTES` of line-shaped output (no pipefail: `yes` ends on SIGPIPE).
         let output = format!(
             "#!/usr/bin/env bash\n\nset -o errexit\nyes '{} bench: one line of job output' | head -c {OUTPUT_BYTES}\n",
@@ -142,6 +157,11 @@ impl Bench<'_> {
             settings,
             live: Vec::new(),
         }
+    }
+
+    /// The drover driver's `state_dir` in a bench's temp dir `tmp`.
+    fn state_dir_in(tmp: &Path) -> PathBuf {
+        tmp.join("state")
     }
 
     fn script(&self, name: &str) -> PathBuf {
@@ -169,8 +189,9 @@ impl Bench<'_> {
         command
     }
 
-    /// A fresh job for `driver`, prepared; returns its id and the time prepare took.
-    fn prepare(&mut self, driver: Side) -> (u64, Duration) {
+    /// A fresh job for `driver`, prepared; returns its id, the time prepare took and the
+    /// driver's own account of it (see [`ready_line`]).
+    fn prepare(&mut self, driver: Side) -> (u64, Duration, Option<String>) {
         let id = self.next_id;
         self.next_id += 1;
         let dir = self.job_dir(id);
@@ -185,8 +206,8 @@ impl Bench<'_> {
         // Recorded before it runs: a prepare that fails half-way still gets cleaned up.
         self.live.push((driver, id));
         let started = Instant::now();
-        run_ok(&mut self.command(driver, id, &["prepare".as_ref()]));
-        (id, started.elapsed())
+        let output = run_ok(&mut self.command(driver, id, &["prepare".as_ref()]));
+        (id, started.elapsed(), ready_line(&output.stderr))
     }
 
     fn cleanup(&mut self, driver: Side, id: u64) -> Duration {
@@ -235,35 +256,44 @@ pub fn main(backend: impl FnOnce() -> Backend) -> ExitCode {
         return measure_child(&args[1..]);
     }
     let backend = backend();
+    // Declared first, so dropped last: after every job is removed.
+    let _kept = OnDrop(backend.remove_kept);
     let mut bench = Bench::new(&backend, backend.settings);
 
     // 1. Job start latency, each job cleaned up before the next.
     let mut start: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
     let mut stop: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    let mut start_lines = Vec::new();
     for round in 0..backend.rounds.start {
         for driver in Side::order(round) {
-            let (id, took) = bench.prepare(driver);
+            let (id, took, line) = bench.prepare(driver);
             start[driver.index()].push(took);
+            if driver == Side::Drover {
+                start_lines.push((took, line));
+            }
             stop[driver.index()].push(bench.cleanup(driver, id));
         }
     }
     eprintln!("job start: done");
     let ready_start = backend.ready_start.as_ref().map(|ready| {
         let mut warm = Bench::new(&backend, ready.settings);
+        let state_dir = Bench::state_dir_in(warm.tmp.path());
+        // Dropped before `warm`, whose temp dir holds the state dir.
+        let remove = OnDrop(|| (ready.remove)(&state_dir));
         // The first job has no instance ready; it asks for the next one.
-        let (id, _) = warm.prepare(Side::Drover);
+        let (id, _, _) = warm.prepare(Side::Drover);
         warm.cleanup(Side::Drover, id);
         let mut times = Vec::new();
         for _ in 0..backend.rounds.start {
-            assert!((ready.wait)(), "no instance was made ready");
-            let (id, took) = warm.prepare(Side::Drover);
-            times.push(took);
+            assert!((ready.wait)(&state_dir), "no instance was made ready");
+            let (id, took, line) = warm.prepare(Side::Drover);
+            times.push((took, line));
             warm.cleanup(Side::Drover, id);
         }
+        drop(remove);
         drop(warm);
-        (ready.remove)();
         eprintln!("job start from a ready instance: done");
-        ms(median(times))
+        median_line(times)
     });
 
     // 2. Per-run-stage overhead, one prepared job each, against bash on the host.
@@ -371,7 +401,7 @@ pub fn main(backend: impl FnOnce() -> Backend) -> ExitCode {
         "ms",
         start_ms,
     );
-    if let Some(ready_ms) = ready_start {
+    if let Some((ready_ms, _)) = ready_start {
         row(
             &format!(
                 "  from a ready instance, median of {}",
@@ -410,6 +440,15 @@ pub fn main(backend: impl FnOnce() -> Backend) -> ExitCode {
         "peak RSS: baseline = largest of `bash driver.sh` and its `{}` client; drover = {} ({}'s own memory is not counted)",
         backend.exec_client, backend.driver, backend.daemon
     );
+    if let (_, Some(line)) = median_line(start_lines) {
+        println!(
+            "{}'s median job start, in its words: {line}",
+            backend.driver
+        );
+    }
+    if let Some((_, Some(line))) = &ready_start {
+        println!("  and from a ready instance: {line}");
+    }
     println!(
         "stderr bytes during the 100 MB run (max): baseline {:?}, drover {:?}",
         stderr_bytes[0], stderr_bytes[1]
@@ -523,6 +562,24 @@ fn count(mut from: impl Read) -> u64 {
         }
     }
     panic!("more than {MAX_READS} reads of the child's output");
+}
+
+/// The last line of a prepare's stderr that says where its time went (drover's drivers print
+/// `Ready in <seconds> s`, some with a breakdown).
+fn ready_line(stderr: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .rev()
+        .find(|line| line.starts_with("Ready in "))
+        .map(str::to_owned)
+}
+
+/// The median time in ms and the line of the run that took it.
+fn median_line(mut runs: Vec<(Duration, Option<String>)>) -> (f64, Option<String>) {
+    assert!(!runs.is_empty(), "no samples");
+    runs.sort_by_key(|(took, _)| *took);
+    let (took, line) = runs.swap_remove(runs.len() / 2);
+    (ms(took), line)
 }
 
 fn median(mut times: Vec<Duration>) -> Duration {
