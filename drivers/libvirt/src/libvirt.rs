@@ -298,11 +298,20 @@ impl Libvirt {
                     .map_err(|e| failed(&format!("cannot start storage pool {pool}"), &e))?;
                 let _ = found.set_autostart(true);
             }
-            let xml = found
-                .get_xml_desc(0)
-                .map_err(|e| failed(&format!("storage pool {pool}"), &e))?;
-            crate::domain::element_text(&xml, "path")
-                .ok_or_else(|| Error::system(format!("storage pool {pool} has no target path")))
+            target_path(&found, &pool)
+        })
+        .await
+    }
+
+    /// The target directory of storage pool `pool` if it exists and runs, without making or
+    /// starting it (for gc and doctor, which change nothing they do not remove).
+    pub async fn pool_path(&self, pool: &str) -> Result<Option<String>> {
+        let pool = pool.to_owned();
+        self.call(move |conn| match StoragePool::lookup_by_name(conn, &pool) {
+            Ok(found) if found.is_active().unwrap_or(false) => target_path(&found, &pool).map(Some),
+            Ok(_) => Ok(None),
+            Err(err) if is_missing(&err) => Ok(None),
+            Err(err) => Err(failed(&format!("storage pool {pool}"), &err)),
         })
         .await
     }
@@ -365,6 +374,15 @@ impl Libvirt {
         })
         .await
     }
+}
+
+/// The target directory of storage pool `found` (named `name`).
+fn target_path(found: &StoragePool, name: &str) -> Result<String> {
+    let xml = found
+        .get_xml_desc(0)
+        .map_err(|e| failed(&format!("storage pool {name}"), &e))?;
+    crate::domain::element_text(&xml, "path")
+        .ok_or_else(|| Error::system(format!("storage pool {name} has no target path")))
 }
 
 /// `9000000` → `9.0.0`.

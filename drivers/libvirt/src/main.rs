@@ -455,7 +455,7 @@ impl Driver for LibvirtDriver {
                         .is_ok_and(|age| age > Duration::from_secs(600))
                 })
         };
-        let pool_dir = self.pool(&lv).await.ok();
+        let pool_dir = lv.pool_path(&self.settings.pool).await?;
         for volume in lv.volumes(&self.settings.pool).await? {
             let Some(domain) = volume
                 .strip_suffix(".qcow2")
@@ -507,8 +507,17 @@ impl Driver for LibvirtDriver {
             Err(err) => return Ok(vec![Check::failed("libvirt", err.to_string())]),
         };
         let mut checks = vec![Check::ok("libvirt", format!("{version} at {}", lv.uri))];
-        checks.push(match self.pool(&lv).await {
-            Ok(dir) => Check::ok("pool", format!("{} in {dir}", self.settings.pool)),
+        checks.push(match lv.pool_path(&self.settings.pool).await {
+            Ok(Some(dir)) => Check::ok("pool", format!("{} in {dir}", self.settings.pool)),
+            // Not a fault: the first prepare makes it.
+            Ok(None) => Check::ok(
+                "pool",
+                format!(
+                    "{} does not run yet; the first prepare makes it in {}",
+                    self.settings.pool,
+                    self.pool_dir().display()
+                ),
+            ),
             Err(err) => Check::failed("pool", err.to_string()),
         });
         for (job_image, image) in &self.settings.images {
@@ -685,12 +694,15 @@ impl LibvirtDriver {
 
     /// The storage pool, made when missing; returns its directory.
     async fn pool(&self, lv: &Libvirt) -> Result<String> {
-        let dir = self
-            .settings
+        lv.ensure_pool(&self.settings.pool, &self.pool_dir()).await
+    }
+
+    /// The directory the driver makes its storage pool in.
+    fn pool_dir(&self) -> PathBuf {
+        self.settings
             .pool_dir
             .clone()
-            .unwrap_or_else(|| self.settings.state_dir.join("volumes"));
-        lv.ensure_pool(&self.settings.pool, &dir).await
+            .unwrap_or_else(|| self.settings.state_dir.join("volumes"))
     }
 
     /// The project's cache disk for this job: the first of the project's cache volumes that no
