@@ -204,21 +204,15 @@ impl Libvirt {
         name: &str,
         labels: &std::collections::BTreeMap<String, String>,
     ) -> Result<()> {
-        let name = name.to_owned();
         let element = crate::domain::labels_element(labels, false);
-        self.call(move |conn| {
-            let domain = Domain::lookup_by_name(conn, &name)
-                .map_err(|e| failed(&format!("domain {name}"), &e))?;
-            domain
-                .set_metadata(
-                    sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-                    Some(&element),
-                    Some("drover"),
-                    Some(METADATA_NS),
-                    sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG,
-                )
-                .map(|_| ())
-                .map_err(|e| failed(&format!("cannot label domain {name}"), &e))
+        self.on_domain(name, "cannot label domain", move |domain| {
+            domain.set_metadata(
+                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(&element),
+                Some("drover"),
+                Some(METADATA_NS),
+                sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG,
+            )
         })
         .await
     }
@@ -226,17 +220,29 @@ impl Libvirt {
     /// Plugs the device of `xml` into running domain `name` (and its definition, so undefining
     /// the domain forgets it too).
     pub async fn attach(&self, name: &str, xml: String) -> Result<()> {
+        self.on_domain(name, "cannot plug a disk into domain", move |domain| {
+            domain.attach_device_flags(
+                &xml,
+                sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG,
+            )
+        })
+        .await
+    }
+
+    /// Runs `change` on domain `name`; a failure is `<what> <name>: <libvirt's message>`.
+    async fn on_domain(
+        &self,
+        name: &str,
+        what: &'static str,
+        change: impl FnOnce(&Domain) -> std::result::Result<u32, virt::error::Error> + Send + 'static,
+    ) -> Result<()> {
         let name = name.to_owned();
         self.call(move |conn| {
             let domain = Domain::lookup_by_name(conn, &name)
                 .map_err(|e| failed(&format!("domain {name}"), &e))?;
-            domain
-                .attach_device_flags(
-                    &xml,
-                    sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG,
-                )
+            change(&domain)
                 .map(|_| ())
-                .map_err(|e| failed(&format!("cannot plug a disk into domain {name}"), &e))
+                .map_err(|e| failed(&format!("{what} {name}"), &e))
         })
         .await
     }
