@@ -35,10 +35,13 @@ mod job;
 mod log;
 pub mod naming;
 pub mod policy;
+pub mod pool;
 mod process;
 mod retry;
 pub mod settings;
 mod signals;
+pub mod ssh;
+pub mod state;
 
 pub use driver::{
     Check, Driver, GcReport, GcRequest, Script, base_config, fresh_environment_config,

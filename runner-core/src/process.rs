@@ -261,10 +261,10 @@ fn exit_code(status: ExitStatus) -> i32 {
 
 /// A child's process group, remembered until dropped so [`kill_live_groups`] can reach it when
 /// the driver must exit early.
-struct LiveGroup(Pid);
+pub(crate) struct LiveGroup(Pid);
 
 impl LiveGroup {
-    fn register(child: &Child) -> Result<LiveGroup> {
+    pub(crate) fn register(child: &Child) -> Result<LiveGroup> {
         let pid = child
             .id()
             .and_then(|id| i32::try_from(id).ok())

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use drover_core::naming::{LABEL_EXPIRES, LABEL_PROJECT, LABEL_RUNNER, ResourceNames, is_expired};
 use drover_core::protocol::ConfigOutput;
+use drover_core::state::StateLock;
 use drover_core::{
     Check, Driver, Error, GcReport, GcRequest, Job, Result, ResultExt, Script, Settings,
     fresh_environment_config, progress,
@@ -966,48 +967,6 @@ struct Launch<'a> {
     vcpus: u32,
     /// The disk with the operator's gitlab-runner, and the binary's size.
     helper: Option<(PathBuf, u64)>,
-}
-
-/// The driver's lock on its state directory, held while prepare picks a cache disk, takes or
-/// starts a VM, and while gc looks: so two jobs never pick one cache disk or one ready VM,
-/// and gc never sees a VM half made. Released on drop; the kernel releases it when a killed
-/// driver's process ends.
-struct StateLock {
-    _held: nix::fcntl::Flock<std::fs::File>,
-}
-
-/// How long a driver waits for another's [`StateLock`]: it is held for a few libvirt calls.
-const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
-
-impl StateLock {
-    async fn acquire(state_dir: &Path) -> Result<StateLock> {
-        std::fs::create_dir_all(state_dir)
-            .or_system(format_args!("cannot create {}", state_dir.display()))?;
-        let path = state_dir.join("lock");
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .or_system(format_args!("cannot open {}", path.display()))?;
-        let started = Instant::now();
-        loop {
-            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => return Ok(StateLock { _held: lock }),
-                Err((back, nix::errno::Errno::EWOULDBLOCK)) if started.elapsed() < LOCK_TIMEOUT => {
-                    file = back;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err((_, errno)) => {
-                    return Err(Error::system(format!(
-                        "cannot lock {} within {} s: {errno} (another drover-libvirt holds it)",
-                        path.display(),
-                        LOCK_TIMEOUT.as_secs()
-                    )));
-                }
-            }
-        }
-    }
 }
 
 /// A base image's disk: its format and virtual size, read from its header.
