@@ -24,7 +24,7 @@ fi
 # fails, that backend's tests skip with one line on a developer's machine; in CI the run fails
 # here, and .ci/run's DROVER_REQUIRE also makes any skipped backend test a failure.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    for backend in podman docker lxd libvirt; do
+    for backend in podman docker lxd libvirt ec2; do
         if ! bash "tests/setup/$backend.sh" </dev/null; then
             [ "${CI:-}" = true ] && { echo "tests/setup/$backend.sh failed" >&2; exit 1; }
             echo "note: tests/setup/$backend.sh failed (see above): $backend tests will skip"

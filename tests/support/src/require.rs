@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 use drover_harness::real::{GITLAB_RUNNER_BIN, find_gitlab_runner};
 
-/// Comma-separated backends whose tests must run: `podman`, `docker`, `lxd`, `libvirt`, `gitlab-runner`.
+/// Comma-separated backends whose tests must run: `podman`, `docker`, `lxd`, `libvirt`, `ec2`,
+/// `gitlab-runner`.
 pub const DROVER_REQUIRE: &str = "DROVER_REQUIRE";
 
 /// Whether `DROVER_REQUIRE` names `backend`.
