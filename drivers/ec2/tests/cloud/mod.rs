@@ -1085,6 +1085,10 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Starts one in front of the EC2 API at `upstream` (`Moto::endpoint`).
     pub async fn start(upstream: &str) -> anyhow::Result<FaultProxy> {
+        // Built with the rest of the workspace, reqwest leaves the choice of a TLS crypto
+        // provider to the process (another member needs that); this one's is ring, as the
+        // driver's. An error only says one is installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let port = listener.local_addr()?.port();
         let proxy = Arc::new(Proxy {
