@@ -207,6 +207,32 @@ pub struct Journal {
     pub intents: BTreeMap<String, Intent>,
 }
 
+impl Journal {
+    /// The journal of the pool in `dir` (empty when there is none yet). Reading needs no
+    /// lock: the file is only ever replaced whole.
+    pub fn read(dir: &Path) -> Result<Journal> {
+        let path = dir.join("pool.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|err| {
+                Error::system(format!(
+                    "the pool journal {} is not readable ({err}); move it away and run gc, which adopts or terminates what it finds by tags",
+                    path.display()
+                ))
+            }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Journal::default()),
+            Err(err) => Err(err).or_system(format_args!("cannot read {}", path.display())),
+        }
+    }
+
+    /// The environment leased to `job`, if any: what a run stage reaches.
+    pub fn leased_to(&self, job: &str) -> Option<String> {
+        self.entries
+            .iter()
+            .find(|(_, entry)| entry.state == State::Leased && entry.job.as_deref() == Some(job))
+            .map(|(id, _)| id.clone())
+    }
+}
+
 /// How a job got its environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -216,6 +242,8 @@ pub struct Lease {
     pub launched: bool,
     /// Which use of the environment this is (1 for a fresh one).
     pub use_number: u32,
+    /// The intent that launched it (see [`Entry::intent`]).
+    pub intent: String,
 }
 
 /// What [`Pool::upkeep`] did.
@@ -241,6 +269,17 @@ pub struct Pool<'a, P> {
     provider: &'a P,
     settings: &'a PoolSettings,
     key: String,
+}
+
+/// A fingerprint of launch settings for [`Pool::new`]'s key: FNV-1a, which, unlike std's
+/// hasher, stays the same across builds, so an upgraded driver keeps its idle environments.
+pub fn fingerprint(settings: &str) -> String {
+    let hash = settings
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!("{hash:016x}")
 }
 
 /// Unix seconds.
@@ -269,19 +308,7 @@ impl<'a, P: Provider> Pool<'a, P> {
 
     /// Reads the journal (empty when there is none yet).
     pub fn load(&self) -> Result<Journal> {
-        match std::fs::read(self.journal_path()) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|err| {
-                Error::system(format!(
-                    "the pool journal {} is not readable ({err}); move it away and run gc, which adopts or terminates what it finds by tags",
-                    self.journal_path().display()
-                ))
-            }),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Journal::default()),
-            Err(err) => Err(err).or_system(format_args!(
-                "cannot read {}",
-                self.journal_path().display()
-            )),
-        }
+        Journal::read(&self.dir)
     }
 
     fn save(&self, journal: &Journal) -> Result<()> {
@@ -324,12 +351,13 @@ impl<'a, P: Provider> Pool<'a, P> {
             entry.uses += 1;
             entry.job = Some(job.to_owned());
             entry.lease_expires = Some(expires);
-            let use_number = entry.uses;
+            let (use_number, intent) = (entry.uses, entry.intent.clone());
             self.save(&journal)?;
             return Ok(Lease {
                 id,
                 launched: false,
                 use_number,
+                intent,
             });
         }
         if self.settings.max_instances > 0 && journal.entries.len() >= self.settings.max_instances {
@@ -343,17 +371,21 @@ impl<'a, P: Provider> Pool<'a, P> {
             .into_iter()
             .next()
             .ok_or_else(|| Error::system("the launch returned no environment"))?;
-        if let Some(entry) = journal.entries.get_mut(&id) {
-            entry.state = State::Leased;
-            entry.uses = 1;
-            entry.job = Some(job.to_owned());
-            entry.lease_expires = Some(expires);
-        }
+        let entry = journal
+            .entries
+            .get_mut(&id)
+            .ok_or_else(|| Error::system("the launch was not recorded in the pool journal"))?;
+        entry.state = State::Leased;
+        entry.uses = 1;
+        entry.job = Some(job.to_owned());
+        entry.lease_expires = Some(expires);
+        let intent = entry.intent.clone();
         self.save(&journal)?;
         Ok(Lease {
             id,
             launched: true,
             use_number: 1,
+            intent,
         })
     }
 
@@ -426,14 +458,9 @@ impl<'a, P: Provider> Pool<'a, P> {
         Ok(Some((id, true)))
     }
 
-    /// The environments of `job` in the journal (a leased one), for cleanup.
+    /// The environment leased to `job`, for cleanup.
     pub fn leased_to(&self, job: &str) -> Result<Option<String>> {
-        Ok(self
-            .load()?
-            .entries
-            .into_iter()
-            .find(|(_, entry)| entry.state == State::Leased && entry.job.as_deref() == Some(job))
-            .map(|(id, _)| id))
+        Ok(self.load()?.leased_to(job))
     }
 
     /// Whether a launch for `job` may have happened without its result being recorded (the

@@ -16,11 +16,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use drover_core::channel::{PerStageExec, run_stage};
 use drover_core::naming::{LABEL_EXPIRES, LABEL_JOB, LABEL_PROJECT, LABEL_RUNNER};
-use drover_core::pool::{Intent, Observed, Pool, PoolSettings, Provider};
+use drover_core::pool::{Intent, Journal, Lease, Observed, Pool, PoolSettings, Provider};
 use drover_core::protocol::ConfigOutput;
 use drover_core::ssh::{Ssh, SshTarget, make_key};
 use drover_core::{
@@ -200,23 +200,6 @@ struct Ec2Driver {
     user_data: Option<String>,
 }
 
-/// FNV-1a: a fingerprint that stays the same across builds (std's hasher does not promise to).
-fn fingerprint(text: &str) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{hash:016x}")
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-}
-
 impl Driver for Ec2Driver {
     const NAME: &'static str = "drover-ec2";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
@@ -283,7 +266,7 @@ impl Driver for Ec2Driver {
             driver.endpoint,
         ]);
         Ok(Ec2Driver {
-            key: fingerprint(&launch.to_string()),
+            key: drover_core::pool::fingerprint(&launch.to_string()),
             settings: driver.clone(),
             runner: settings.runner_name.clone(),
             user_data,
@@ -343,7 +326,7 @@ impl Driver for Ec2Driver {
                 lease.use_number,
                 self.settings.pool.max_builds
             );
-            let reach = self.reach(&ec2, &lease.id, job).await;
+            let reach = self.reach(&ec2, &lease, job).await;
             match reach {
                 Ok(ssh) => break (lease, ssh),
                 Err(err) if !lease.launched => {
@@ -386,19 +369,13 @@ impl Driver for Ec2Driver {
 
     async fn run(&self, job: &Job, script: &Script) -> Result<i32> {
         let name = job.names().job();
-        let cloud_free = NoCloud;
-        let pool = Pool::new(
-            &self.settings.state_dir,
-            &cloud_free,
-            &self.settings.pool,
-            &self.key,
-        );
-        let id = pool.leased_to(&name)?.ok_or_else(|| {
+        let journal = Journal::read(&self.settings.state_dir)?;
+        let id = journal.leased_to(&name).ok_or_else(|| {
             Error::system(format!(
                 "job {name} has no instance: its prepare did not finish"
             ))
         })?;
-        let ssh = self.ssh_of(&id, &pool)?;
+        let ssh = self.ssh_of(&id, &journal)?;
         let body = script.read().await?;
         let result = match ssh.ensure(RECONNECT, job.cancel_token()).await {
             Ok(()) => {
@@ -426,9 +403,10 @@ impl Driver for Ec2Driver {
             job_tags: None,
         };
         let pool = self.pool(&cloud);
-        if let Some(id) = pool.leased_to(&name)? {
+        let journal = pool.load()?;
+        if let Some(id) = journal.leased_to(&name) {
             // A prepare stopped before it reached the instance left no connection to end.
-            let reusable = match self.ssh_of(&id, &pool) {
+            let reusable = match self.ssh_of(&id, &journal) {
                 Ok(ssh) => {
                     let reusable = self.settings.pool.max_builds > 1 && self.reset(&ssh, job).await;
                     ssh.close().await;
@@ -496,7 +474,7 @@ impl Driver for Ec2Driver {
     async fn gc(&self, request: &GcRequest) -> Result<GcReport> {
         let ec2 = Ec2::connect(&self.settings).await;
         if request.dry_run {
-            let now = unix_now();
+            let now = drover_core::pool::unix_now();
             let seen = ec2.owned(&request.runner, &[]).await?;
             let expired: Vec<String> = seen
                 .iter()
@@ -557,21 +535,6 @@ impl Driver for Ec2Driver {
     }
 }
 
-/// Pool operations that need no cloud (reading the journal).
-struct NoCloud;
-
-impl Provider for NoCloud {
-    async fn launch(&self, _: &Intent) -> Result<Vec<String>> {
-        Err(Error::system("no EC2 client in this stage"))
-    }
-    async fn list(&self) -> Result<Vec<Observed>> {
-        Err(Error::system("no EC2 client in this stage"))
-    }
-    async fn terminate(&self, _: &[String]) -> Result<()> {
-        Err(Error::system("no EC2 client in this stage"))
-    }
-}
-
 impl Ec2Driver {
     fn pool<'a, P: Provider>(&'a self, provider: &'a P) -> Pool<'a, P> {
         Pool::new(
@@ -591,26 +554,25 @@ impl Ec2Driver {
     }
 
     /// The connection of instance `id`, from its saved address and the key of its launch.
-    fn ssh_of<P>(&self, id: &str, pool: &Pool<'_, P>) -> Result<Ssh>
-    where
-        P: Provider,
-    {
-        let journal = pool.load()?;
+    fn ssh_of(&self, id: &str, journal: &Journal) -> Result<Ssh> {
         let intent = journal
             .entries
             .get(id)
-            .map(|entry| entry.intent.clone())
+            .map(|entry| entry.intent.as_str())
             .unwrap_or_default();
-        let dir = self.instance_dir(id);
-        let address = std::fs::read_to_string(dir.join("address")).or_system(format_args!(
-            "instance {id} has no saved address: its prepare did not finish"
-        ))?;
-        let target = self.target(address.trim())?;
+        let address = std::fs::read_to_string(self.instance_dir(id).join("address")).or_system(
+            format_args!("instance {id} has no saved address: its prepare did not finish"),
+        )?;
+        self.ssh_at(id, intent, address.trim())
+    }
+
+    /// The connection of instance `id` at `address`, with the key of its launch `intent`.
+    fn ssh_at(&self, id: &str, intent: &str, address: &str) -> Result<Ssh> {
         Ok(Ssh::new(
-            &dir,
-            &self.key_dir(&intent).join("id_ed25519"),
+            &self.instance_dir(id),
+            &self.key_dir(intent).join("id_ed25519"),
             id,
-            target,
+            self.target(address)?,
             self.settings.ssh_config.as_deref(),
             format!("instance {id}"),
         ))
@@ -637,7 +599,8 @@ impl Ec2Driver {
     }
 
     /// Waits until instance `id` has an address and accepts SSH, and pins its host key.
-    async fn reach(&self, ec2: &Ec2, id: &str, job: &Job) -> Result<Ssh> {
+    async fn reach(&self, ec2: &Ec2, lease: &Lease, job: &Job) -> Result<Ssh> {
+        let (id, intent) = (lease.id.as_str(), lease.intent.as_str());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(self.settings.boot_secs);
         let dir = self.instance_dir(id);
         std::fs::create_dir_all(&dir).or_system(format_args!("cannot create {}", dir.display()))?;
@@ -645,7 +608,7 @@ impl Ec2Driver {
         let mut pause = Duration::from_millis(250);
         let address = loop {
             if let Ok(address) = std::fs::read_to_string(&saved) {
-                break address;
+                break address.trim().to_owned();
             }
             let seen = ec2.instance(id).await?;
             match &seen {
@@ -679,9 +642,7 @@ impl Ec2Driver {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(2));
         };
-        let cloud = NoCloud;
-        let pool = self.pool(&cloud);
-        let ssh = self.ssh_of(id, &pool)?;
+        let ssh = self.ssh_at(id, intent, &address)?;
         progress!(
             "Connecting to {}@{}:{}{}",
             ssh.target().user,
@@ -694,7 +655,6 @@ impl Ec2Driver {
             }
         );
         ssh.connect(deadline, job.cancel_token()).await?;
-        let _ = address;
         Ok(ssh)
     }
 
