@@ -155,8 +155,15 @@ impl DriverSetup {
     /// `drover run-job` of the job file `yaml`, with the emulated runner unless `runner` names
     /// another (e.g. `["--runner", "real", "--gitlab-runner", PATH]`).
     pub fn run_job_command(&self, yaml: &str, runner: &[&str]) -> Command {
-        let job = self.dir.path().join("job.yml");
-        std::fs::write(&job, yaml).expect("job file");
+        // A file per call: jobs of one setup may run at once, and one must never read
+        // another's half-written file.
+        let job = tempfile::Builder::new()
+            .prefix("job-")
+            .suffix(".yml")
+            .tempfile_in(self.dir.path())
+            .expect("job file");
+        std::fs::write(job.path(), yaml).expect("job file");
+        let (_, job) = job.keep().expect("job file");
         let job = job.to_string_lossy().into_owned();
         let mut args = vec!["run-job", job.as_str()];
         args.extend(if runner.is_empty() {
@@ -167,16 +174,18 @@ impl DriverSetup {
         self.drover_command(&args)
     }
 
-    /// Runs [`Self::run_job_command`]; whether the jobs succeeded, and the job log.
+    /// Runs [`Self::run_job_command`]; whether the jobs succeeded, and the job log (with
+    /// drover's own stderr after it when it failed, so a failure always says why).
     pub fn run_job(&self, yaml: &str, runner: &[&str]) -> (bool, String) {
         let output = self
             .run_job_command(yaml, runner)
             .output()
             .expect("drover runs");
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-        )
+        let mut log = String::from_utf8_lossy(&output.stdout).into_owned();
+        if !output.status.success() {
+            log.push_str(&String::from_utf8_lossy(&output.stderr));
+        }
+        (output.status.success(), log)
     }
 
     /// Runs a long job through `drover run-job`, presses Ctrl-C (SIGINT to drover) once the
