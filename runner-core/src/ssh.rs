@@ -4,8 +4,9 @@
 //! Every stage is a process of its own (§1.4), and a fresh SSH connection per stage costs a
 //! key exchange and an authentication each time. So prepare opens **one** OpenSSH connection
 //! per environment, a control master ([`Ssh::connect`]), and every later stage process opens a
-//! channel on it through its control socket ([`Exec`] for [`Ssh`]): a stage then costs what
-//! `ssh host true` costs over an open connection. The master runs in a session of its own
+//! channel on it through its control socket ([`Exec`] for [`Ssh`]), speaking OpenSSH's
+//! multiplexing protocol itself: a stage costs less than `ssh host true` over the open
+//! connection, as it starts no `ssh` client at all. The master runs in a session of its own
 //! with its stdio away from the runner's pipes (§10 item 4), so it outlives the stage that
 //! started it and never holds a stage open; cleanup ends it ([`Ssh::close`]). When it is gone
 //! (the runner host restarted, the connection dropped), the next stage connects again.
@@ -34,7 +35,6 @@ use tokio_util::io::ReaderStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::{Chunk, Exec, Output};
-use crate::process::LiveGroup;
 use crate::{Error, Result, ResultExt, Stream};
 
 /// How long one attempt to connect may take (TCP and the SSH handshake).
@@ -187,11 +187,10 @@ impl Ssh {
         all
     }
 
-    /// Whether a master connection is up (its control socket exists; a master that died
-    /// leaves none behind, and a stale one only costs the next stage a direct connection).
+    /// Whether a master connection is up: something listens on its control socket. A master
+    /// that was killed, or the runner host's restart, leaves a socket file nobody listens on.
     pub fn connected(&self) -> bool {
-        use std::os::unix::fs::FileTypeExt;
-        std::fs::symlink_metadata(self.control()).is_ok_and(|meta| meta.file_type().is_socket())
+        std::os::unix::net::UnixStream::connect(self.control()).is_ok()
     }
 
     /// Opens the master connection, trying again until `deadline` while the environment does
@@ -231,6 +230,8 @@ impl Ssh {
 
     /// One attempt: `None` once connected, else what the client said.
     async fn try_connect(&self, deadline: Instant) -> Result<Option<String>> {
+        // A stale socket would keep the new master from listening.
+        let _ = std::fs::remove_file(self.control());
         let log = std::fs::File::create(self.master_log()).or_system(format_args!(
             "cannot create {}",
             self.master_log().display()
@@ -310,30 +311,64 @@ impl Exec for Ssh {
         self.describe.clone()
     }
 
+    /// Opens a session on the master through its control socket, speaking OpenSSH's
+    /// multiplexing protocol in-process: a stage then costs no `ssh` client of its own, only
+    /// the channel (the master gets the ends of three pipes, the remote command's stdio).
     async fn exec(&self, argv: &[String], stdin: Bytes) -> Result<Output<'_>> {
+        use openssh_mux_client::{Connection, NonZeroByteSlice, NonZeroByteVec, Session};
+        use std::borrow::Cow;
+        use std::os::fd::{AsRawFd, OwnedFd};
+        use tokio::net::unix::pipe;
+
         let command = argv
             .iter()
             .map(|arg| quote(arg))
             .collect::<Vec<_>>()
             .join(" ");
-        let mut child = Command::new("ssh")
-            .args(self.options())
-            .args(["-o", "ControlMaster=no", "-T"])
-            .arg(&self.target.host)
-            .arg(command)
-            .process_group(0)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .or_system("cannot run ssh (is openssh-client installed?)")?;
-        let group = LiveGroup::register(&child)?;
-        let (Some(mut input), Some(stdout), Some(stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            return Err(Error::system("ssh started without its pipes"));
+        let lost = |what: &dyn std::fmt::Display| {
+            Error::system(format!(
+                "cannot open a session on the SSH connection to {}: {what}",
+                self.describe
+            ))
         };
+        let pipes = || std::io::pipe().map_err(|err| lost(&format_args!("no pipe: {err}")));
+        let (remote_in, local_in) = pipes()?;
+        let (local_out, remote_out) = pipes()?;
+        let (local_err, remote_err) = pipes()?;
+        let session = Session::builder()
+            .term(Cow::Borrowed(
+                NonZeroByteSlice::new(b"").expect("no NUL in an empty string"),
+            ))
+            .cmd(Cow::Owned(NonZeroByteVec::from_bytes_remove_nul(
+                command.into_bytes(),
+            )))
+            .build();
+        let open = async {
+            Connection::connect(self.control())
+                .await?
+                .open_new_session(
+                    &session,
+                    &[
+                        remote_in.as_raw_fd(),
+                        remote_out.as_raw_fd(),
+                        remote_err.as_raw_fd(),
+                    ],
+                )
+                .await
+        };
+        let established =
+            tokio::time::timeout(Duration::from_secs(CONNECT_TIMEOUT_SECS), open)
+                .await
+                .map_err(|_| lost(&"the master did not answer"))?
+                .map_err(|err| lost(&err))?;
+        // The master holds its own copies now: the output ends when the remote command's does.
+        drop((remote_in, remote_out, remote_err));
+        let pipe_error = |err: std::io::Error| lost(&format_args!("pipe: {err}"));
+        let mut input = pipe::Sender::from_owned_fd(OwnedFd::from(local_in)).map_err(pipe_error)?;
+        let receiver = |end: std::io::PipeReader| {
+            pipe::Receiver::from_owned_fd(OwnedFd::from(end)).map_err(pipe_error)
+        };
+        let (stdout, stderr) = (receiver(local_out)?, receiver(local_err)?);
         // The input is written while the output is read: a script larger than a pipe's
         // buffer must not wait for an output nobody reads yet.
         let feed = async move {
@@ -355,14 +390,14 @@ impl Exec for Ssh {
             }),
         );
         let fed = futures_util::stream::once(feed).filter_map(|()| async { None });
-        // The client is reaped once its output ends; until then it lives with the stream.
-        let reaped = futures_util::stream::once(async move {
-            let _ = child.wait().await;
-            drop(group);
+        // The session lives as long as its connection to the master: it is held until the
+        // output has ended, then its exit message is read.
+        let ended = futures_util::stream::once(async move {
+            let _ = established.wait().await;
         })
         .filter_map(|()| async { None });
         Ok(Box::pin(
-            futures_util::stream::select(fed, outputs).chain(reaped),
+            futures_util::stream::select(fed, outputs).chain(ended),
         ))
     }
 }

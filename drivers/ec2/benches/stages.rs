@@ -144,10 +144,10 @@ async fn bench() {
         .expect("an instance with a connection");
     let address = std::fs::read_to_string(instance_dir.join("address")).expect("address");
     let (host, port) = address.trim().rsplit_once(':').expect("host:port");
-    let mut floor = Vec::new();
-    for _ in 0..STAGES {
+    let ssh = |command: &str, input: &[u8]| {
+        use std::io::Write;
         let started = Instant::now();
-        let status = Command::new("ssh")
+        let mut child = Command::new("ssh")
             .args([
                 "-F",
                 "/dev/null",
@@ -161,20 +161,32 @@ async fn bench() {
                 "ControlPath={}",
                 instance_dir.join("control").display()
             ))
-            .args(["-p", port, "-l", "root", host, "true"])
-            .stdin(Stdio::null())
-            .status()
+            .args(["-p", port, "-l", "root", host, command])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
             .expect("ssh");
-        assert!(status.success());
-        floor.push(started.elapsed());
-    }
+        child.stdin.take().expect("stdin").write_all(input).expect("input");
+        assert!(child.wait().expect("ssh").success());
+        started.elapsed()
+    };
+    let floor: Vec<_> = (0..STAGES).map(|_| ssh("true", b"")).collect();
+    // The same stage without the driver: the agent's stage mode over the open connection,
+    // which is what the driver's process adds to.
+    let agent = drover_core::channel::stage_argv("0123456789abcdef", "bash")
+        .iter()
+        .map(|arg| format!("'{}'", arg.replace('\'', r"'\''")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let agent: Vec<_> = (0..STAGES).map(|_| ssh(&agent, b"true\n")).collect();
     stage(&job, &["cleanup"]);
     setup.set("driver.pool.idle_count", 0);
     setup.set("driver.pool.idle_time", 0);
     let _ = tokio::task::block_in_place(|| setup.driver(&["gc"]));
 
     let (cold, warm) = (median(cold), median(warm));
-    let (stage, floor) = (median(stages), median(floor));
+    let (stage, floor, agent) = (median(stages), median(floor), median(agent));
     println!("drover-ec2 against moto and loopback sshd instances (boot delay {boot} s), medians");
     println!(
         "job start (prepare), cold launch:     {:8.1} ms  ({cold_calls} EC2 calls)",
@@ -191,7 +203,11 @@ async fn bench() {
         ms(stage)
     );
     println!(
-        "ssh host true over the open connection:{:8.1} ms  ratio {:.2}",
+        "the agent's stage alone, over ssh:     {:8.1} ms",
+        ms(agent)
+    );
+    println!(
+        "ssh host true over the open connection:{:8.1} ms  ratio {:.2} (stage / floor)",
         ms(floor),
         stage.as_secs_f64() / floor.as_secs_f64()
     );

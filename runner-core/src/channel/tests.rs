@@ -83,7 +83,7 @@ fn shells(tmp: &Path) -> Vec<(String, Option<PathBuf>)> {
     if busybox.is_file() {
         let bin = tmp.join("busybox-bin");
         std::fs::create_dir_all(&bin).expect("dir");
-        for applet in ["sh", "setsid", "mktemp", "cat", "rm", "sleep", "kill"] {
+        for applet in ["sh", "setsid", "cat", "rm", "sleep", "kill"] {
             std::os::unix::fs::symlink(&busybox, bin.join(applet)).expect("symlink");
         }
         shells.push(("busybox".into(), Some(bin)));
