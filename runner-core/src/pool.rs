@@ -139,7 +139,8 @@ pub struct Observed {
 pub struct Intent {
     /// Unique; every environment of the launch carries it.
     pub id: String,
-    /// The idempotency token: a repeated call with it launches nothing more.
+    /// The idempotency token: a repeated call with it launches nothing more. At most 40
+    /// characters, so a provider may add a suffix of its own.
     pub token: String,
     /// How many environments.
     pub count: usize,
@@ -366,11 +367,7 @@ impl<'a, P: Provider> Pool<'a, P> {
                 self.settings.max_instances
             )));
         }
-        let ids = self.launch(&mut journal, 1, Some(job)).await?;
-        let id = ids
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::system("the launch returned no environment"))?;
+        let id = self.launch_for(&mut journal, job).await?;
         let entry = journal
             .entries
             .get_mut(&id)
@@ -389,7 +386,7 @@ impl<'a, P: Provider> Pool<'a, P> {
         })
     }
 
-    /// Launches under an intent saved first; records the result.
+    /// Launches under a new intent saved first; records the result.
     async fn launch(
         &self,
         journal: &mut Journal,
@@ -399,37 +396,88 @@ impl<'a, P: Provider> Pool<'a, P> {
         let at = unix_now();
         let id = format!("{at:x}{:08x}", fastrand::u32(..));
         let intent = Intent {
-            token: format!("drover-{}-{id}", job.unwrap_or("pool")),
-            id: id.clone(),
+            // Derived from the job's name (its trusted identity), and short: a cloud's
+            // tokens are bounded (EC2: 64 characters) and a driver may add a suffix.
+            token: format!("{}-{id}", fingerprint(job.unwrap_or("pool"))),
+            id,
             count,
             job: job.map(str::to_owned),
             key: self.key.clone(),
             at,
         };
-        journal.intents.insert(id.clone(), intent.clone());
+        self.launch_under(journal, intent).await
+    }
+
+    /// Launches under `intent`, saved first; records the result.
+    async fn launch_under(&self, journal: &mut Journal, intent: Intent) -> Result<Vec<String>> {
+        journal.intents.insert(intent.id.clone(), intent.clone());
         self.save(journal)?;
         let launched = self.provider.launch(&intent).await;
         // A failed launch may still have launched (a lost answer): the intent stays open
-        // then, and the next upkeep resolves it by tags.
+        // then, for a retry of the job's prepare or the next upkeep to resolve.
         let ids = launched?;
-        journal.intents.remove(&id);
-        for instance in &ids {
+        self.record(journal, &intent, &ids)?;
+        Ok(ids)
+    }
+
+    /// Closes `intent`: `ids` are what it launched, idle until leased.
+    fn record(&self, journal: &mut Journal, intent: &Intent, ids: &[String]) -> Result<()> {
+        journal.intents.remove(&intent.id);
+        for instance in ids {
             journal.entries.insert(
                 instance.clone(),
                 Entry {
                     state: State::Idle,
                     uses: 0,
-                    key: self.key.clone(),
+                    key: intent.key.clone(),
                     job: None,
-                    launched: at,
-                    since: at,
+                    launched: intent.at,
+                    since: intent.at,
                     lease_expires: None,
-                    intent: id.clone(),
+                    intent: intent.id.clone(),
                 },
             );
         }
-        self.save(journal)?;
-        Ok(ids)
+        self.save(journal)
+    }
+
+    /// Launches `job`'s environment. An earlier attempt of its prepare that was cut off in
+    /// its launch left the launch's intent open: this attempt carries on under that intent.
+    /// What the provider already lists under it is the job's; otherwise the same call again,
+    /// whose idempotency token makes the provider answer with what the cut-off call launched
+    /// instead of launching a second one.
+    async fn launch_for(&self, journal: &mut Journal, job: &str) -> Result<String> {
+        let cut_off = journal
+            .intents
+            .values()
+            .find(|intent| {
+                intent.job.as_deref() == Some(job) && intent.key == self.key && intent.count == 1
+            })
+            .cloned();
+        let ids = match cut_off {
+            Some(mut intent) => {
+                let listed: Vec<String> = self
+                    .provider
+                    .list()
+                    .await?
+                    .into_iter()
+                    .filter(|seen| seen.intent.as_deref() == Some(intent.id.as_str()))
+                    .map(|seen| seen.id)
+                    .collect();
+                if listed.is_empty() {
+                    // A fresh grace for upkeep, should this attempt be cut off too.
+                    intent.at = unix_now();
+                    self.launch_under(journal, intent).await?
+                } else {
+                    self.record(journal, &intent, &listed)?;
+                    listed
+                }
+            }
+            None => self.launch(journal, 1, Some(job)).await?,
+        };
+        ids.into_iter()
+            .next()
+            .ok_or_else(|| Error::system("the launch returned no environment"))
     }
 
     /// Hands `job`'s environment back: to the idle pool when `reusable` (the driver's reset

@@ -207,11 +207,7 @@ impl Ssh {
             if last.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
                 || last.contains("Host key verification failed")
             {
-                return Err(Error::system(format!(
-                    "{} presented another host key than on first contact (pinned in {}); refusing to connect",
-                    self.describe,
-                    self.dir.join("known_hosts").display()
-                )));
+                return Err(self.refused_host_key(&last));
             }
             if Instant::now() + pause >= deadline || cancel.is_cancelled() {
                 let why = if last.is_empty() { "no answer" } else { &last };
@@ -225,6 +221,23 @@ impl Ssh {
                 () = cancel.cancelled() => {}
             }
             pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// The error for a host key the client refused. The environment's own key is taken on
+    /// first contact, so a refusal is either of a key other than the pinned one (the client
+    /// names the environment by its alias then) or of the jump host's, which only the
+    /// operator's known hosts vouch for.
+    fn refused_host_key(&self, said: &str) -> Error {
+        match &self.target.jump {
+            Some(jump) if !said.contains(&self.name) => Error::system(format!(
+                "the jump host {jump} presented a host key the operator's known hosts do not hold (add it there, or to the file named in the ssh_config setting); ssh said: {said}"
+            )),
+            _ => Error::system(format!(
+                "{} presented another host key than on first contact (pinned in {}); refusing to connect",
+                self.describe,
+                self.dir.join("known_hosts").display()
+            )),
         }
     }
 
@@ -331,7 +344,11 @@ impl Exec for Ssh {
                 self.describe
             ))
         };
-        let pipes = || std::io::pipe().map_err(|err| lost(&format_args!("no pipe: {err}")));
+        // (read end, write end), neither inherited by a program the driver starts.
+        let pipes = || {
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|err| lost(&format_args!("no pipe: {err}")))
+        };
         let (remote_in, local_in) = pipes()?;
         let (local_out, remote_out) = pipes()?;
         let (local_err, remote_err) = pipes()?;
@@ -356,18 +373,15 @@ impl Exec for Ssh {
                 )
                 .await
         };
-        let established =
-            tokio::time::timeout(Duration::from_secs(CONNECT_TIMEOUT_SECS), open)
-                .await
-                .map_err(|_| lost(&"the master did not answer"))?
-                .map_err(|err| lost(&err))?;
+        let established = tokio::time::timeout(Duration::from_secs(CONNECT_TIMEOUT_SECS), open)
+            .await
+            .map_err(|_| lost(&"the master did not answer"))?
+            .map_err(|err| lost(&err))?;
         // The master holds its own copies now: the output ends when the remote command's does.
         drop((remote_in, remote_out, remote_err));
         let pipe_error = |err: std::io::Error| lost(&format_args!("pipe: {err}"));
-        let mut input = pipe::Sender::from_owned_fd(OwnedFd::from(local_in)).map_err(pipe_error)?;
-        let receiver = |end: std::io::PipeReader| {
-            pipe::Receiver::from_owned_fd(OwnedFd::from(end)).map_err(pipe_error)
-        };
+        let mut input = pipe::Sender::from_owned_fd(local_in).map_err(pipe_error)?;
+        let receiver = |end: OwnedFd| pipe::Receiver::from_owned_fd(end).map_err(pipe_error);
         let (stdout, stderr) = (receiver(local_out)?, receiver(local_err)?);
         // The input is written while the output is read: a script larger than a pipe's
         // buffer must not wait for an output nobody reads yet.

@@ -167,7 +167,12 @@ async fn bench() {
             .stderr(Stdio::null())
             .spawn()
             .expect("ssh");
-        child.stdin.take().expect("stdin").write_all(input).expect("input");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("input");
         assert!(child.wait().expect("ssh").success());
         started.elapsed()
     };

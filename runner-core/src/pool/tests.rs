@@ -14,10 +14,16 @@ struct FakeCloud {
     terminated: RefCell<Vec<String>>,
     /// Launch, then fail as if the answer was lost.
     lose_answer: RefCell<bool>,
+    /// What each idempotency token launched: a repeated call answers the same.
+    tokens: RefCell<std::collections::HashMap<String, Vec<String>>>,
 }
 
 impl Provider for FakeCloud {
     async fn launch(&self, intent: &Intent) -> Result<Vec<String>> {
+        assert!(intent.token.len() <= 40, "{}", intent.token);
+        if let Some(ids) = self.tokens.borrow().get(&intent.token) {
+            return Ok(ids.clone());
+        }
         *self.launches.borrow_mut() += 1;
         let mut ids = Vec::new();
         for _ in 0..intent.count {
@@ -34,6 +40,9 @@ impl Provider for FakeCloud {
             });
             ids.push(id);
         }
+        self.tokens
+            .borrow_mut()
+            .insert(intent.token.clone(), ids.clone());
         if self.lose_answer.replace(false) {
             return Err(Error::transient("connection reset"));
         }
@@ -204,6 +213,34 @@ async fn a_lost_launch_answer_is_resolved_by_tags() {
     );
     assert_eq!(ids(&cloud).len(), 1);
     assert!(pool.load().expect("journal").intents.is_empty());
+}
+
+#[tokio::test]
+async fn a_retried_prepare_after_a_lost_launch_answer_launches_nothing_more() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = FakeCloud::default();
+    let settings = settings(0, 600, 1);
+    let pool = Pool::new(dir.path(), &cloud, &settings, "k1");
+    *cloud.lose_answer.borrow_mut() = true;
+    pool.take("j1", HOUR, &[]).await.expect_err("lost answer");
+    let launched = ids(&cloud);
+    // The provider does not list it yet: the same token again gets the same answer.
+    let hidden = cloud.live.take();
+    let retry = pool.take("j1", HOUR, &[]).await.expect("retry");
+    assert_eq!(
+        (vec![retry.id.clone()], *cloud.launches.borrow()),
+        (launched.clone(), 1)
+    );
+    assert!(pool.load().expect("journal").intents.is_empty());
+    *cloud.live.borrow_mut() = hidden;
+    // Once listed, a cut-off launch is found by its intent without calling launch again.
+    *cloud.lose_answer.borrow_mut() = true;
+    pool.take("j2", HOUR, &[]).await.expect_err("lost answer");
+    cloud.tokens.borrow_mut().clear();
+    let retry = pool.take("j2", HOUR, &[]).await.expect("retry");
+    assert_eq!(*cloud.launches.borrow(), 2);
+    assert_eq!(ids(&cloud), vec![launched[0].clone(), retry.id.clone()]);
+    assert_eq!(pool.leased_to("j2").expect("journal"), Some(retry.id));
 }
 
 #[tokio::test]

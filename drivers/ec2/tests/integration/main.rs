@@ -328,8 +328,8 @@ async fn a_bad_ami_is_one_line_naming_the_setting_and_launches_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_driver_killed_during_the_launch_call_is_cleaned_up_by_cleanup_and_gc() {
-    let test = "a_driver_killed_during_the_launch_call_is_cleaned_up_by_cleanup_and_gc";
+async fn a_driver_killed_during_the_launch_call_is_cleaned_up_or_carried_on_by_its_retry() {
+    let test = "a_driver_killed_during_the_launch_call_is_cleaned_up_or_carried_on_by_its_retry";
     let Some(cloud) = cloud(test).await else {
         return;
     };
@@ -339,7 +339,7 @@ async fn a_driver_killed_during_the_launch_call_is_cleaned_up_by_cleanup_and_gc(
     let setup = std::sync::Arc::new(new_setup(&cloud, "killed", &proxy.endpoint(), ""));
     // The launch reaches EC2, and its answer never comes back before the kill.
     proxy.fail("RunInstances", 1, Fault::Hang(Duration::from_secs(60)));
-    for (job_id, finish) in [(99301_u64, "cleanup"), (99302, "gc")] {
+    for (job_id, finish) in [(99301_u64, "cleanup"), (99302, "gc"), (99303, "retry")] {
         let job = response(job_id, 7);
         let dir = setup.dir.path().join(format!("custom-executor-{job_id}"));
         std::fs::create_dir_all(&dir).expect("job dir");
@@ -363,6 +363,31 @@ async fn a_driver_killed_during_the_launch_call_is_cleaned_up_by_cleanup_and_gc(
         let _ = child.wait();
         let finished = match finish {
             "cleanup" => {
+                let setup = setup.clone();
+                blocking(move || setup.stage(&job, &["cleanup"])).await
+            }
+            "retry" => {
+                // The runner tries prepare again (§5.1): it carries on with the cut-off
+                // launch's instance, and launches no second one.
+                let launched = instances_of(&client, &runner).await;
+                let calls = proxy.count("RunInstances");
+                let retried = {
+                    let (setup, job) = (setup.clone(), job.clone());
+                    blocking(move || setup.stage(&job, &["prepare"])).await
+                };
+                assert!(
+                    retried.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&retried.stderr)
+                );
+                assert_eq!(proxy.count("RunInstances"), calls);
+                assert_eq!(
+                    instances_of(&client, &runner)
+                        .await
+                        .into_keys()
+                        .collect::<Vec<_>>(),
+                    launched.into_keys().collect::<Vec<_>>()
+                );
                 let setup = setup.clone();
                 blocking(move || setup.stage(&job, &["cleanup"])).await
             }
@@ -613,5 +638,169 @@ async fn the_real_runner_runs_jobs_from_the_pool_with_their_exit_codes_and_leave
     setup.set("driver.pool.idle_count", 0);
     setup.set("driver.pool.idle_time", 0);
     gc(&setup);
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+/// The directory of the one instance the driver has connected to.
+fn instance_dir(setup: &DriverSetup) -> std::path::PathBuf {
+    std::fs::read_dir(setup.state_dir().join("instances"))
+        .expect("instances dir")
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| path.join("known_hosts").exists())
+        .expect("an instance the driver connected to")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_key_other_than_the_pinned_one_is_refused_as_a_system_failure() {
+    let test = "a_host_key_other_than_the_pinned_one_is_refused_as_a_system_failure";
+    let Some(cloud) = cloud(test).await else {
+        return;
+    };
+    let setup = std::sync::Arc::new(new_setup(&cloud, "hostkey", &cloud.moto.endpoint(), ""));
+    let job = response(99401, 7);
+    let prepared = {
+        let (setup, job) = (setup.clone(), job.clone());
+        blocking(move || setup.stage(&job, &["prepare"])).await
+    };
+    assert!(
+        prepared.status.success(),
+        "{}",
+        String::from_utf8_lossy(&prepared.stderr)
+    );
+    // As if another machine answered at the instance's address: the connection ends, and
+    // the key it would meet now is not the one pinned on first contact.
+    let dir = instance_dir(&setup);
+    let exit = Command::new("ssh")
+        .args(["-F", "/dev/null", "-o"])
+        .arg(format!("ControlPath={}", dir.join("control").display()))
+        .args(["-O", "exit", "instance"])
+        .stderr(Stdio::null())
+        .status()
+        .expect("ssh -O exit");
+    assert!(exit.success());
+    let other = tempfile::tempdir().expect("tempdir");
+    let other_key = drover_core::ssh::make_key(other.path())
+        .await
+        .expect("another key");
+    let pinned = std::fs::read_to_string(dir.join("known_hosts")).expect("known_hosts");
+    let alias = pinned.split_whitespace().next().expect("a pinned line");
+    let other_key: Vec<&str> = other_key.split_whitespace().take(2).collect();
+    std::fs::write(
+        dir.join("known_hosts"),
+        format!("{alias} {}\n", other_key.join(" ")),
+    )
+    .expect("known_hosts");
+    let script = setup.dir.path().join("script");
+    std::fs::write(&script, "echo never\n").expect("script");
+    let ran = {
+        let (setup, job) = (setup.clone(), job.clone());
+        let script = script.to_string_lossy().into_owned();
+        blocking(move || setup.stage(&job, &["run", &script, "build_script"])).await
+    };
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&ran.stdout),
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert_eq!(ran.status.code(), Some(2), "a system failure: {log}");
+    assert!(
+        log.contains("presented another host key than on first contact"),
+        "{log}"
+    );
+    assert!(!log.contains("never"), "{log}");
+    let cleaned = {
+        let setup = setup.clone();
+        blocking(move || setup.stage(&job, &["cleanup"])).await
+    };
+    assert!(cleaned.status.success());
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jump_host_from_the_operators_ssh_config_carries_the_connection_and_is_checked() {
+    let test = "a_jump_host_from_the_operators_ssh_config_carries_the_connection_and_is_checked";
+    let Some(cloud) = cloud(test).await else {
+        return;
+    };
+    // The bastion: an instance of its own that the operator reaches with a key of theirs.
+    let operator = tempfile::tempdir().expect("tempdir");
+    let key_dir = operator.path().join("key");
+    let public = drover_core::ssh::make_key(&key_dir)
+        .await
+        .expect("the operator's key");
+    let launched = cloud
+        .moto
+        .client()
+        .run_instances()
+        .image_id(&cloud.ami)
+        .subnet_id(&cloud.subnet)
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .user_data(aws_smithy_types::base64::encode(format!(
+            "#!/bin/sh\nmkdir -p /root/.ssh\necho '{public}' >>/root/.ssh/authorized_keys\n"
+        )))
+        .send()
+        .await
+        .expect("the bastion's launch");
+    let bastion = launched.instances()[0]
+        .instance_id()
+        .expect("an id")
+        .to_owned();
+    let mut endpoint = None;
+    eventually(
+        "the bastion serves SSH",
+        Duration::from_secs(60),
+        async || {
+            endpoint = cloud.instances.endpoint(&bastion);
+            endpoint.is_some()
+        },
+    )
+    .await;
+    let endpoint = endpoint.expect("endpoint");
+    let (_, port) = endpoint.rsplit_once(':').expect("host:port");
+    let scan = Command::new("ssh-keyscan")
+        .args(["-T", "5", "-t", "ed25519", "-p", port, "127.0.0.1"])
+        .stderr(Stdio::null())
+        .output()
+        .expect("ssh-keyscan");
+    assert!(!scan.stdout.is_empty(), "the bastion's host key");
+    let known_hosts = operator.path().join("known_hosts");
+    std::fs::write(&known_hosts, &scan.stdout).expect("known_hosts");
+    let config = operator.path().join("ssh_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Host drover-bastion\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  \
+             IdentityFile {}\n  IdentitiesOnly yes\n  UserKnownHostsFile {}\n  \
+             StrictHostKeyChecking yes\n  BatchMode yes\n",
+            key_dir.join("id_ed25519").display(),
+            known_hosts.display()
+        ),
+    )
+    .expect("ssh_config");
+    let setup = std::sync::Arc::new(new_setup(
+        &cloud,
+        "jump",
+        &cloud.moto.endpoint(),
+        &format!("jump_host = \"drover-bastion\"\nssh_config = {config:?}"),
+    ));
+    let (ok, log) = run_job(&setup, "x:\n  script: [\"echo \\\"via $((6*7))\\\"\"]\n").await;
+    assert!(ok, "{log}");
+    assert!(log.contains("via 42"), "{log}");
+    let console = cloud.instances.console(&bastion).unwrap_or_default();
+    assert!(
+        console.contains("Accepted publickey for root"),
+        "the bastion carried no connection:\n{console}"
+    );
+    assert_eq!(setup.leftovers(), Vec::<String>::new());
+    // A bastion whose key the operator's known hosts do not hold is refused, and said so.
+    std::fs::write(&known_hosts, "").expect("known_hosts");
+    let (ok, log) = run_job(&setup, "x:\n  script: [\"echo never\"]\n").await;
+    assert!(!ok, "{log}");
+    assert!(log.contains("result: runner_system_failure"), "{log}");
+    assert!(log.contains("jump host drover-bastion"), "{log}");
+    assert!(!log.contains("never\n"), "{log}");
     assert_eq!(setup.leftovers(), Vec::<String>::new());
 }
