@@ -89,38 +89,48 @@ async fn bench() {
             let gc = tokio::task::block_in_place(|| setup.driver(&["gc"]));
             assert!(gc.status.success());
         }
-        let calls = proxy.calls().len();
+        let (calls, mock) = (proxy.calls().len(), proxy.upstream_time());
         let started = Instant::now();
         stage(&job, &["prepare"]);
         let took = started.elapsed();
         let prepare_calls = proxy.calls().len() - calls;
-        (job, took, prepare_calls)
+        let own = took.saturating_sub(proxy.upstream_time() - mock);
+        (job, (took, own), prepare_calls)
     };
 
     // Cold: a launch per job.
-    let mut cold = Vec::new();
+    let (mut cold, mut cold_own) = (Vec::new(), Vec::new());
     let mut cold_calls = 0;
     let mut cleanup_calls = 0;
+    let mut cleanup_own = Vec::new();
     for _ in 0..ROUNDS {
-        let (job, took, calls) = start(false);
+        let (job, (took, own), calls) = start(false);
         cold.push(took);
+        cold_own.push(own);
         cold_calls = calls;
-        let before = proxy.calls().len();
+        let (before, mock) = (proxy.calls().len(), proxy.upstream_time());
+        let started = Instant::now();
         stage(&job, &["cleanup"]);
+        cleanup_own.push(
+            started
+                .elapsed()
+                .saturating_sub(proxy.upstream_time() - mock),
+        );
         cleanup_calls = proxy.calls().len() - before;
     }
     // Warm: the pool has one ready (gc launched it and it booted); prepare takes it.
     setup.set("driver.pool.idle_count", 1);
     setup.set("driver.pool.idle_time", 3600);
-    let mut warm = Vec::new();
+    let (mut warm, mut warm_own) = (Vec::new(), Vec::new());
     let mut warm_calls = 0;
     for _ in 0..ROUNDS {
         let gc = tokio::task::block_in_place(|| setup.driver(&["gc"]));
         assert!(gc.status.success());
         // Let the idle instance boot, as it would between two jobs.
         tokio::time::sleep(Duration::from_secs(boot) + Duration::from_millis(500)).await;
-        let (job, took, calls) = start(false);
+        let (job, (took, own), calls) = start(false);
         warm.push(took);
+        warm_own.push(own);
         warm_calls = calls;
         stage(&job, &["cleanup"]);
     }
@@ -191,18 +201,26 @@ async fn bench() {
     let _ = tokio::task::block_in_place(|| setup.driver(&["gc"]));
 
     let (cold, warm) = (median(cold), median(warm));
+    let (cold_own, warm_own, cleanup_own) =
+        (median(cold_own), median(warm_own), median(cleanup_own));
     let (stage, floor, agent) = (median(stages), median(floor), median(agent));
     println!("drover-ec2 against moto and loopback sshd instances (boot delay {boot} s), medians");
+    println!("(own: the time minus moto's answers, measured at the proxy)");
     println!(
-        "job start (prepare), cold launch:     {:8.1} ms  ({cold_calls} EC2 calls)",
-        ms(cold)
+        "job start (prepare), cold launch:     {:8.1} ms, own {:6.1} ms  ({cold_calls} EC2 calls)",
+        ms(cold),
+        ms(cold_own)
     );
     println!(
-        "job start (prepare), warm pool:       {:8.1} ms  ({warm_calls} EC2 calls)  ratio {:.2}",
+        "job start (prepare), warm pool:       {:8.1} ms, own {:6.1} ms  ({warm_calls} EC2 calls)  ratio {:.2}",
         ms(warm),
+        ms(warm_own),
         warm.as_secs_f64() / cold.as_secs_f64()
     );
-    println!("cleanup:                                          ({cleanup_calls} EC2 calls)");
+    println!(
+        "cleanup:                                          own {:6.1} ms  ({cleanup_calls} EC2 calls)",
+        ms(cleanup_own)
+    );
     println!(
         "run stage (no-op script), whole stage: {:8.1} ms",
         ms(stage)

@@ -1070,6 +1070,8 @@ struct Proxy {
     rules: Mutex<Vec<Rule>>,
     calls: Mutex<Vec<String>>,
     requests: AtomicU64,
+    /// Nanoseconds spent waiting for moto's answers, all requests together.
+    upstream_nanos: AtomicU64,
 }
 
 /// An HTTP server on 127.0.0.1 between an EC2 client and moto: forwards every request and
@@ -1098,6 +1100,7 @@ impl FaultProxy {
             rules: Mutex::new(Vec::new()),
             calls: Mutex::new(Vec::new()),
             requests: AtomicU64::new(0),
+            upstream_nanos: AtomicU64::new(0),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -1159,6 +1162,12 @@ impl FaultProxy {
         lock(&self.proxy.calls).clone()
     }
 
+    /// How long moto took to answer, all forwarded requests together: what a measurement of
+    /// the client subtracts to leave its own time (and the proxy's loopback hop).
+    pub fn upstream_time(&self) -> Duration {
+        Duration::from_nanos(self.proxy.upstream_nanos.load(Ordering::Relaxed))
+    }
+
     /// How many requests for `action` were received.
     pub fn count(&self, action: &str) -> usize {
         lock(&self.proxy.calls)
@@ -1191,6 +1200,14 @@ impl Proxy {
     }
 
     async fn forward(&self, parts: axum::http::request::Parts, body: Bytes) -> Response {
+        let started = std::time::Instant::now();
+        let answer = self.forward_timed(parts, body).await;
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.upstream_nanos.fetch_add(nanos, Ordering::Relaxed);
+        answer
+    }
+
+    async fn forward_timed(&self, parts: axum::http::request::Parts, body: Bytes) -> Response {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut request = self
             .http
